@@ -1,0 +1,502 @@
+"""Fine-tuning on HF ``Trainer``: LoRA (peft) or full, the paper's stages, DeepSpeed, resume.
+
+Stages (LongLLaVA, section 4): ``align`` trains only the projector (vision tower and LLM frozen);
+``sft`` trains projector + LLM; ``multi`` trains projector + LLM on multi-image / series / grid data
+mixed with ``replay_ratio`` x as many records replayed from earlier-stage data (``replay_data``).
+The vision tower stays frozen in every stage (as in the paper).
+
+Modes: ``full`` updates all trainable weights of the stage; ``lora`` freezes the LLM and adds
+adapters (see :data:`LORA_TARGET_MODULES`) while the projector is trained fully (``modules_to_save``).
+Adapters are saved on their own in ``OUTPUT/adapter``; ``longllava merge-lora`` folds them in.
+
+Outputs in ``output_dir``: ``checkpoint-N/`` (Trainer checkpoints, ``--resume`` continues from the
+last), ``model/`` (full) or ``adapter/`` (LoRA) with the processor, ``base/`` (the random base model
+when the recipe starts from a preset), ``loss.csv`` + ``loss.png``, ``recipe.yaml`` (resolved) and
+``training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune import FinetuneError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
+MODES = ("lora", "full")
+STAGES = ("align", "sft", "multi")
+
+# LoRA targets, language model only (the CLIP tower has q/k/v/out_proj too and stays frozen):
+# attention (q,k,v,o), Mamba mixer projections (in_proj: x and gate; x_proj: dt/B/C; out_proj) and the
+# dense MLP (gate/up/down). transformers 5 stores MoE experts as fused 3D parameters, which Linear-
+# module targeting cannot reach: peft's ``target_parameters`` adapts them (LongLLaVA-9B keeps only a
+# dense MLP, so there they are absent and skipped). Routers, norms, conv1d, dt_proj stay frozen.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "out_proj",
+                       "gate_proj", "up_proj", "down_proj")
+LORA_TARGET_PARAMETERS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
+PROJECTOR_MODULE = "multi_modal_projector"
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs; YAML keys are these field names (``key=value`` overrides on the CLI)."""
+
+    name: str = "custom"
+    description: str = ""
+    base_model: str = "preset:tiny"  # a model folder, "demo", or "preset:NAME" (random init, seeded)
+    mode: str = "lora"
+    stage: str = "sft"
+    train_data: list[str] = field(default_factory=list)
+    image_root: str | None = None
+    replay_data: list[str] = field(default_factory=list)
+    replay_ratio: float = 0.0
+    output_dir: str = "runs/custom"
+    image_cache_dir: str | None = None  # default OUTPUT/image_cache
+    max_length: int = 4096
+    pack: bool = True
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    precision: str = "auto"  # auto: bf16 on a CUDA GPU that supports it, else fp32
+    deepspeed: str | None = None  # None, "zero2", "zero3" or a JSON path
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # peft's ParamWrapper (fused MoE experts) requires 0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    lora_target_parameters: list[str] = field(default_factory=lambda: list(LORA_TARGET_PARAMETERS))
+    save_steps: int = 500
+    save_total_limit: int | None = 3
+    logging_steps: int = 1
+    seed: int = 42
+    dataloader_num_workers: int = 0
+    report_to: str = "none"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise FinetuneError(f"recipe {self.name}: mode {self.mode!r} unknown; use lora or full")
+        if self.stage not in STAGES:
+            raise FinetuneError(f"recipe {self.name}: stage {self.stage!r} unknown; use align, sft or multi")
+        if self.stage == "align" and self.mode == "lora":
+            raise FinetuneError(
+                f"recipe {self.name}: stage 'align' trains only the projector, fully; set mode=full"
+            )
+        if not self.train_data:
+            raise FinetuneError(f"recipe {self.name}: train_data is empty; give one or more .json/.jsonl files")
+        if self.stage != "multi" and self.replay_ratio:
+            raise FinetuneError(f"recipe {self.name}: replay_ratio applies to stage 'multi' only")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise FinetuneError(f"recipe {self.name}: precision {self.precision!r}; use auto, bf16, fp16 or fp32")
+        if self.max_length < 8:
+            raise FinetuneError(f"recipe {self.name}: max_length {self.max_length} is too small")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A bundled recipe name (``finetune/recipes/NAME.yaml``) or a YAML file path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise FinetuneError(f"recipe file {candidate} not found")
+        return candidate
+    bundled = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+        raise FinetuneError(f"unknown recipe {name_or_path!r}; use one of {known} or a .yaml path")
+    return bundled
+
+
+def _coerce(recipe_name: str, key: str, value: Any, current: Any) -> Any:
+    if isinstance(current, list) and isinstance(value, str):
+        return [v for v in value.split(",") if v]
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise FinetuneError(f"recipe {recipe_name}: {key} must be true or false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe and apply ``key=value`` overrides (values parsed as YAML scalars)."""
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise FinetuneError(f"recipe {path}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"recipe {path}: expected a mapping of keys to values")
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FinetuneError(f"override {item!r} is not key=value")
+        raw[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    valid = {f.name: f for f in fields(Recipe)}
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise FinetuneError(f"recipe {path}: unknown keys {unknown}; valid keys: {', '.join(valid)}")
+    defaults = Recipe()
+    values = {key: _coerce(raw["name"], key, value, getattr(defaults, key)) for key, value in raw.items()}
+    if isinstance(values.get("train_data"), str):
+        values["train_data"] = [values["train_data"]]
+    if isinstance(values.get("replay_data"), str):
+        values["replay_data"] = [values["replay_data"]]
+    recipe = Recipe(**values)
+    recipe.validate()
+    return recipe
+
+
+def deepspeed_config(spec: str | None) -> dict | None:
+    """``zero2`` / ``zero3`` (bundled configs) or a JSON file path -> dict (``auto`` values filled by HF)."""
+    if not spec:
+        return None
+    path = DEEPSPEED_DIR / f"{spec}.json" if spec in ("zero2", "zero3") else Path(spec)
+    if not path.is_file():
+        raise FinetuneError(f"DeepSpeed config {spec!r} not found; use zero2, zero3 or a JSON file path")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Model set-up
+
+
+def resolve_base_model(recipe: Recipe, output_dir: Path) -> str:
+    """The base model folder; ``preset:NAME`` is written once (seeded) to ``OUTPUT/base``."""
+    spec = recipe.base_model
+    if spec.startswith("preset:"):
+        from longllava.loading import save_random_model
+
+        base_dir = output_dir / "base"
+        if not (base_dir / "config.json").is_file():
+            if _is_main_process():
+                save_random_model(spec.split(":", 1)[1], base_dir, seed=recipe.seed)
+            _barrier()
+        return str(base_dir)
+    return spec
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def set_stage_trainable(model: Any, stage: str) -> None:
+    """Freeze everything, then unfreeze what the stage trains (vision tower always frozen)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    projector = _find_module(model, PROJECTOR_MODULE)
+    for parameter in projector.parameters():
+        parameter.requires_grad_(True)
+    if stage in ("sft", "multi"):
+        for name, parameter in model.named_parameters():
+            if "vision_tower" not in name and PROJECTOR_MODULE not in name:
+                parameter.requires_grad_(True)
+
+
+def _find_module(model: Any, suffix: str) -> Any:
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == suffix:
+            return module
+    raise FinetuneError(f"model has no {suffix!r} module; is it a LongLLaVA model?")
+
+
+def lora_config(recipe: Recipe, model: Any) -> Any:
+    """peft LoRA on the language model's projections (+ fused experts when present)."""
+    from peft import LoraConfig
+
+    names = "|".join(re.escape(n) for n in recipe.lora_target_modules)
+    module_regex = rf".*language_model.*\.({names})$"
+    parameter_names = {name for name, _ in model.named_parameters()}
+    target_parameters = [t for t in recipe.lora_target_parameters
+                         if any(name.endswith(t) for name in parameter_names)]
+    if target_parameters and recipe.lora_dropout:
+        raise FinetuneError(
+            f"recipe {recipe.name}: lora_dropout={recipe.lora_dropout} but peft adapts fused MoE experts "
+            "(lora_target_parameters) only with dropout 0; set lora_dropout=0 or lora_target_parameters=[]"
+        )
+    return LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=module_regex,
+        target_parameters=target_parameters or None,
+        modules_to_save=[PROJECTOR_MODULE],
+        bias="none",
+    )
+
+
+def register_moe_leaf_modules(model: Any) -> int:
+    """Mark sparse MoE blocks as ZeRO-3 leaves (ranks routing to different experts could otherwise hang)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(m) for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")},
+                     key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return len(classes)
+
+
+def prepare_model(recipe: Recipe, model: Any) -> Any:
+    """Stage freezing, then LoRA wrapping for ``mode=lora``."""
+    model.config.use_cache = False
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None:
+        text_config.use_cache = False
+    set_stage_trainable(model, recipe.stage)
+    if recipe.mode == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(recipe, model))
+    return model
+
+
+def tokens_per_image_of(processor: Any, model: Any) -> int:
+    """How many tokens one image becomes (processor, then config attributes)."""
+    for owner in (processor, getattr(model, "config", None)):
+        for attribute in ("tokens_per_image", "num_image_tokens", "image_seq_length"):
+            value = getattr(owner, attribute, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    raise FinetuneError("cannot tell how many tokens an image takes from this processor/config")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss log (CSV + PNG beside the checkpoints)
+
+
+def write_loss_plot(csv_path: Path, png_path: Path, title: str = "training loss") -> None:
+    """Loss curve PNG from the CSV (step, loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_loss_csv(csv_path)
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=2)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)
+
+
+def read_loss_csv(path: str | Path) -> list[dict]:
+    """Rows of ``loss.csv`` as dicts with int step and float loss/learning_rate."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [{"step": int(r["step"]), "epoch": float(r["epoch"]), "loss": float(r["loss"]),
+                 "learning_rate": float(r["learning_rate"] or "nan")} for r in csv.DictReader(handle)]
+
+
+def _loss_callback_class():
+    from transformers import TrainerCallback
+
+    class LossLogger(TrainerCallback):
+        """Appends each logged training loss to ``loss.csv``; redraws ``loss.png`` at saves and at the end.
+        On resume, rows past the resumed step (logged after the last checkpoint) are dropped."""
+
+        def __init__(self, output_dir: Path, title: str) -> None:
+            self.csv_path = output_dir / "loss.csv"
+            self.png_path = output_dir / "loss.png"
+            self.title = title
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            kept = [r for r in read_loss_csv(self.csv_path) if r["step"] <= state.global_step]
+            with self.csv_path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["step", "epoch", "loss", "learning_rate"])
+                for row in kept:
+                    writer.writerow([row["step"], row["epoch"], row["loss"], row["learning_rate"]])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            with self.csv_path.open("a", newline="") as handle:
+                csv.writer(handle).writerow(
+                    [state.global_step, f"{state.epoch or 0:.4f}", logs["loss"], logs.get("learning_rate", "")]
+                )
+
+        def _plot(self, state):
+            if state.is_world_process_zero and read_loss_csv(self.csv_path):
+                write_loss_plot(self.csv_path, self.png_path, self.title)
+
+        def on_save(self, args, state, control, **kwargs):
+            self._plot(state)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._plot(state)
+
+    return LossLogger
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _precision_flags(recipe: Recipe) -> dict:
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    precision = recipe.precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not on_gpu:
+        raise FinetuneError(f"precision {precision} needs a CUDA GPU; use precision=fp32 (or auto) on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not on_gpu}
+
+
+def training_arguments(recipe: Recipe, output_dir: Path) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_ratio,  # transformers 5: a float < 1 is a ratio of total steps
+        weight_decay=recipe.weight_decay,
+        num_train_epochs=recipe.num_train_epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        max_grad_norm=recipe.max_grad_norm,
+        activation_checkpointing=recipe.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
+        logging_steps=recipe.logging_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        dataloader_num_workers=recipe.dataloader_num_workers,
+        report_to=recipe.report_to,
+        remove_unused_columns=False,
+        deepspeed=deepspeed_config(recipe.deepspeed),
+        disable_tqdm=False,
+        **_precision_flags(recipe),
+    )
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The highest ``checkpoint-N`` folder in ``output_dir``, if any."""
+    found = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return max(found)[1] if found else None
+
+
+def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: Path) -> Any:
+    from finetune import data
+
+    records = [r for path in recipe.train_data for r in data.load_records(path, recipe.image_root)]
+    if recipe.stage == "multi" and recipe.replay_ratio:
+        replay = [r for path in recipe.replay_data for r in data.load_records(path, recipe.image_root)]
+        records = data.mix_with_replay(records, replay, recipe.replay_ratio, recipe.seed)
+    if not records:
+        raise FinetuneError(f"recipe {recipe.name}: the training files hold no records")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    encoder = data.ConversationEncoder(tokenizer, tokens_per_image_of(processor, model), recipe.max_length)
+    cache_dir = Path(recipe.image_cache_dir) if recipe.image_cache_dir else output_dir / "image_cache"
+    samples = data.encode_records(records, encoder, cache_dir, progress=_is_main_process())
+    loader = data.processor_image_loader(processor.image_processor)
+    return data.ConversationDataset(samples, loader, recipe.max_length, pack=recipe.pack)
+
+
+def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
+    """Train as the recipe says; returns the summary written to ``training_summary.json``."""
+    import torch
+    from transformers import Trainer
+
+    from finetune import data
+    from longllava.loading import load_model
+
+    output_dir = Path(recipe.output_dir)
+    checkpoint = last_checkpoint(output_dir) if output_dir.is_dir() else None
+    if resume and checkpoint is None:
+        raise FinetuneError(f"--resume: no checkpoint-* folder in {output_dir}; run without --resume first")
+    if not resume and checkpoint is not None:
+        raise FinetuneError(
+            f"{output_dir} already holds {checkpoint.name}; pass --resume to continue, or choose another output_dir"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args = training_arguments(recipe, output_dir)  # before loading: ZeRO-3 partitions at load time
+    torch.manual_seed(recipe.seed)
+    base_path = resolve_base_model(recipe, output_dir)
+    model, processor = load_model(base_path)
+    if args.deepspeed and (args.hf_deepspeed_config.is_zero3() if args.hf_deepspeed_config else False):
+        register_moe_leaf_modules(model)
+    model = prepare_model(recipe, model)
+    dataset = build_train_dataset(recipe, processor, model, output_dir)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if _is_main_process():
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=data.Collator(int(pad_id)),
+        callbacks=[_loss_callback_class()(output_dir, f"{recipe.name} ({recipe.mode}, {recipe.stage})"),
+                   *callbacks],
+    )
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
+    final_dir = output_dir / ("adapter" if recipe.mode == "lora" else "model")
+    trainer.save_model(str(final_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(final_dir))
+        if recipe.mode == "lora":
+            _point_adapter_at_base(final_dir, base_path)
+    losses = [r["loss"] for r in read_loss_csv(output_dir / "loss.csv")]
+    summary = {
+        "recipe": recipe.name, "mode": recipe.mode, "stage": recipe.stage, "base_model": base_path,
+        "saved_to": str(final_dir), "global_step": trainer.state.global_step,
+        "resumed_from": str(checkpoint) if resume else None, "train_samples": len(dataset.samples),
+        "train_examples_after_packing": len(dataset), "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None, "train_loss": result.training_loss,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if trainer.is_world_process_zero():
+        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _point_adapter_at_base(adapter_dir: Path, base_path: str) -> None:
+    config_path = adapter_dir / "adapter_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str(Path(base_path).resolve()) if Path(base_path).exists() else base_path
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,94 @@
+"""LongLlavaForConditionalGeneration on the tiny preset: pooling, forward/generate, errors, round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText
+
+from longllava import protocol
+from longllava.errors import ModelInputError
+from longllava.modeling import LongLlavaForConditionalGeneration, pool_patch_grid
+
+
+def upstream_pool(features: torch.Tensor, out: int) -> torch.Tensor:
+    """The upstream formula, one image at a time: (g*g, C) -> (C, g, g) -> bilinear -> (out*out, C)."""
+    pooled = []
+    for image in features:
+        side = int(image.shape[0] ** 0.5)
+        grid = image.T.reshape(image.shape[1], side, side)  # (C, g, g)
+        resized = F.interpolate(grid[None], size=(out, out), mode="bilinear", align_corners=False)[0]
+        pooled.append(resized.reshape(image.shape[1], out * out).T)
+    return torch.stack(pooled)
+
+
+def test_pooling_matches_upstream_formula_24_to_12():
+    features = torch.randn(3, 24 * 24, 40)
+    pooled = pool_patch_grid(features, 12)
+    assert pooled.shape == (3, 144, 40)
+    torch.testing.assert_close(pooled, upstream_pool(features, 12))
+    # Independent check: halving with bilinear, align_corners=False, averages each 2x2 block.
+    blocks = features.reshape(3, 12, 2, 12, 2, 40).mean(dim=(2, 4)).reshape(3, 144, 40)
+    torch.testing.assert_close(pooled, blocks)
+
+
+def test_pooling_keeps_row_major_token_order():
+    grid = torch.arange(16.0).reshape(1, 16, 1)  # token (r, c) holds 4r + c
+    pooled = pool_patch_grid(grid, 2).flatten()
+    torch.testing.assert_close(pooled, torch.tensor([2.5, 4.5, 10.5, 12.5]))
+
+
+def test_image_features_are_clip_layer_minus_2_pooled_then_projected(tiny_model):
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        features = tiny_model.encode_images(pixels)
+        hidden = tiny_model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        expected = tiny_model.model.multi_modal_projector(upstream_pool(hidden, 4))
+    assert features.shape == (2, tiny_model.config.tokens_per_image, tiny_model.config.text_config.hidden_size)
+    torch.testing.assert_close(features, expected)
+
+
+def chat_inputs(processor, images, question="What is shown?"):
+    prompt = protocol.images_prompt(len(images)) + question
+    return processor.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, images=images)
+
+
+@pytest.mark.parametrize("n_images", [1, 3, 50])
+def test_forward_and_generate_with_many_images(tiny_model, tiny_processor, images_factory, n_images):
+    inputs = chat_inputs(tiny_processor, images_factory(n_images))
+    n_tokens = inputs["input_ids"].shape[1]
+    assert int((inputs["input_ids"] == tiny_model.config.image_token_id).sum()) == 16 * n_images
+    with torch.no_grad():
+        logits = tiny_model(**inputs).logits
+        generated = tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert logits.shape == (1, n_tokens, tiny_model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert generated.shape == (1, n_tokens + 3)
+    # Greedy generation continues with the argmax of the last prompt position.
+    assert generated[0, n_tokens] == logits[0, -1].argmax()
+
+
+def test_images_change_the_logits(tiny_model, tiny_processor, images_factory):
+    first = chat_inputs(tiny_processor, images_factory(2, seed=1))
+    second = chat_inputs(tiny_processor, images_factory(2, seed=2))
+    assert torch.equal(first["input_ids"], second["input_ids"])
+    with torch.no_grad():
+        a, b = tiny_model(**first).logits, tiny_model(**second).logits
+    assert not torch.allclose(a, b)
+
+
+def test_placeholder_image_count_mismatch_raises_clear_error(tiny_model, tiny_processor, images_factory):
+    inputs = chat_inputs(tiny_processor, images_factory(3))
+    with pytest.raises(ModelInputError, match=r"48 <image> tokens .* but 2 images were given"):
+        tiny_model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:2])
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_model, tiny_processor, images_factory, tmp_path):
+    inputs = chat_inputs(tiny_processor, images_factory(2))
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, LongLlavaForConditionalGeneration)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, tiny_model(**inputs).logits, rtol=0, atol=0)

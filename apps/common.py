@@ -1,0 +1,204 @@
+"""Helpers shared by the CT and satellite apps: configuration, user-facing errors, exports.
+
+Privacy rule for every app: nothing derived from an upload's file name or DICOM header reaches the
+page, the logs or an export unless it passed a whitelist (see ``ct_app.summary_fields``). Upload
+paths carry the user's original file name, so they are never logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longllava.errors import UserInputError
+
+LOG = logging.getLogger("longllava.apps")
+
+AUTH_USER_ENV = "LONGLLAVA_APP_USER"
+AUTH_PASSWORD_ENV = "LONGLLAVA_APP_PASSWORD"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class AppInputError(UserInputError):
+    """Bad input given to an app (no file, file too large, question missing, nothing loaded yet)."""
+
+
+@dataclass
+class AppConfig:
+    """Limits and defaults for the apps; the CLI and the tests fill it.
+
+    ``num_slices`` None keeps the medical loader's default (the study's own count clipped to
+    100-984); tests cap it to a handful so the tiny model answers in a second.
+    """
+
+    max_upload_mb: float = 1024.0
+    concurrency_limit: int = 2
+    queue_max_size: int = 64
+    num_slices: int | None = None
+    max_tiles: int = 64
+    max_new_tokens: int = 256
+    findings_max_new_tokens: int = 384
+    image_size: int | None = None
+    cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "longllava-apps")
+    model_name: str = "model"
+
+    def export_dir(self) -> Path:
+        path = Path(self.cache_dir) / "exports"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def sample_dir(self) -> Path:
+        path = Path(self.cache_dir) / "samples"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def error_markdown(error: BaseException) -> str:
+    """The message a user sees for ``error``: the text of a user error, never a traceback."""
+    if isinstance(error, UserInputError):
+        return f"**Error:** {strip_upload_dirs(str(error))}"
+    return (
+        f"**Internal error** ({type(error).__name__}). The request was not completed; the app is "
+        "still running. Try again, or try another file; if it persists, report it with the server log."
+    )
+
+
+def log_error(error: BaseException, action: str) -> None:
+    """Log an error without the user's paths: user errors by class only, others with a traceback."""
+    if isinstance(error, UserInputError):
+        LOG.info("%s: user input rejected (%s)", action, type(error).__name__)
+    else:
+        LOG.error("%s failed with %s", action, type(error).__name__, exc_info=error)
+
+
+_ABSOLUTE_PATH_RE = re.compile(r"(?<![\w.~])(?:/[^/\s:'\"()]+)+/([^/\s:'\"()]+)")
+
+
+def strip_upload_dirs(text: str) -> str:
+    """Shorten absolute paths (Gradio's upload cache, server folders) to the file name."""
+    return _ABSOLUTE_PATH_RE.sub(r"\1", text)
+
+
+def guarded(action: str, n_outputs: int, status_index: int) -> Callable:
+    """Decorate a Gradio handler so any exception becomes a readable status message.
+
+    The handler returns a tuple of ``n_outputs`` values; on error every output except the status
+    (at ``status_index``) is left unchanged (``gr.skip()``) and the status shows the message.
+    Generator handlers are supported: values yielded before the error stay on the page.
+    """
+    import inspect
+
+    import gradio as gr
+
+    def failure(error: BaseException) -> tuple:
+        log_error(error, action)
+        values: list[Any] = [gr.skip()] * n_outputs
+        values[status_index] = error_markdown(error)
+        return tuple(values)
+
+    def decorate(handler: Callable) -> Callable:
+        if inspect.isgeneratorfunction(handler):
+
+            @functools.wraps(handler)
+            def generator_wrapper(*args: Any, **kwargs: Any):
+                try:
+                    yield from handler(*args, **kwargs)
+                except Exception as error:  # every failure must end as a message, never a trace
+                    yield failure(error)
+
+            return generator_wrapper
+
+        @functools.wraps(handler)
+        def wrapper(*args: Any, **kwargs: Any):
+            try:
+                return handler(*args, **kwargs)
+            except Exception as error:
+                return failure(error)
+
+        return wrapper
+
+    return decorate
+
+
+def upload_paths(files: Any) -> list[Path]:
+    """Normalise a Gradio ``File`` value (path, list of paths, or file objects) to paths."""
+    if files is None:
+        return []
+    if isinstance(files, (str, os.PathLike)) or hasattr(files, "name"):
+        files = [files]
+    paths: list[Path] = []
+    for item in files:
+        if isinstance(item, dict):
+            item = item.get("path") or item.get("name")
+        elif hasattr(item, "name") and not isinstance(item, (str, os.PathLike)):
+            item = item.name
+        if item:
+            paths.append(Path(item))
+    return paths
+
+
+def check_upload_size(paths: Iterable[Path], max_mb: float) -> None:
+    """Reject uploads larger than the configured limit (Gradio also stops them in the browser)."""
+    paths = list(paths)
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total > max_mb * 1024 * 1024:
+        raise AppInputError(
+            f"upload is {total / 1024 / 1024:.1f} MB, over this app's limit of {max_mb:g} MB: "
+            "upload a smaller study/image or start the app with a larger --max-upload-mb"
+        )
+
+
+def write_export(config: AppConfig, stem: str, suffix: str, text: str) -> Path:
+    """Write an export file under the app's cache dir with a fresh, non-identifying name."""
+    folder = config.export_dir() / uuid.uuid4().hex[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}{suffix}"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def resolve_auth(host: str) -> tuple[str, str] | None:
+    """Credentials from the environment; required when binding to a non-loopback address."""
+    user = os.environ.get(AUTH_USER_ENV, "")
+    password = os.environ.get(AUTH_PASSWORD_ENV, "")
+    if user and password:
+        return (user, password)
+    if user or password:
+        raise AppInputError(
+            f"only one of {AUTH_USER_ENV} / {AUTH_PASSWORD_ENV} is set: set both, or neither"
+        )
+    if host not in LOOPBACK_HOSTS:
+        raise AppInputError(
+            f"refusing to serve on {host} without a login: set {AUTH_USER_ENV} and {AUTH_PASSWORD_ENV} "
+            "in the environment, or bind to 127.0.0.1"
+        )
+    return None
+
+
+def rss_mb(pid: int | None = None) -> float:
+    """Resident memory of a process (this one by default) in MiB."""
+    import psutil
+
+    return psutil.Process(pid or os.getpid()).memory_info().rss / 2**20
+
+
+def progress_bridge(progress: Callable) -> Callable[[int, int, str], None]:
+    """Adapt a ``gr.Progress`` to the engine's ``(done, total, what)`` progress callback."""
+
+    def report(done: int, total: int, what: str) -> None:
+        progress((done, max(total, 1)), desc=what, unit="images")
+
+    return report

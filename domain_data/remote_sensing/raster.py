@@ -119,8 +119,11 @@ def _open_dataset(path: Path) -> rasterio.io.DatasetReader:
         ) from error
 
 
-def _short(error: Exception, limit: int = 200) -> str:
+def _short(error: BaseException, limit: int = 200) -> str:
     text = " ".join(str(error).split())
+    cause = error.__cause__ or error.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text} {' '.join(str(cause).split())}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -158,7 +161,7 @@ def _choose_bands(
 def _is_georeferenced(dataset: rasterio.io.DatasetReader) -> tuple[bool, str]:
     has_transform = not dataset.transform.is_identity
     if dataset.crs is not None and has_transform:
-        return True, f"georeferenced ({dataset.crs.to_string()})"
+        return True, "georeferenced"
     if has_transform:
         return False, "has a geotransform but no CRS: answers are given in pixel coordinates"
     if dataset.gcps[0]:
@@ -193,7 +196,7 @@ class Raster:
         self.driver: str = ds.driver
         if self.driver not in SUPPORTED_DRIVERS:
             raise RasterInputError(
-                f"{self.path} is a {ds.driver} raster, which this suite does not read; {SUPPORTED_HINT} "
+                f"{self.path} is in GDAL's {ds.driver} format, which this suite does not read; {SUPPORTED_HINT} "
                 "(convert it with: gdal_translate -of GTiff -co TILED=YES IN OUT.tif)"
             )
         self.width: int = ds.width

@@ -54,6 +54,19 @@ def slice_range_text(slices: tuple[int, int]) -> str:
     return f"{slices[0] + 1}-{slices[1] + 1}"
 
 
+def map_slice_range(answer: str, n_source: int, n_target: int) -> str:
+    """Map a ``first-last`` answer from a study of ``n_source`` slices to the same anatomy in a series
+    resampled (evenly along z, first and last slice kept) to ``n_target`` slices."""
+    try:
+        first, last = (int(v) for v in answer.split("-"))
+    except ValueError as error:
+        raise ValueError(f"slice answer {answer!r} is not 'first-last'") from error
+    if n_source < 1 or n_target < 1 or not 1 <= first <= last <= n_source:
+        raise ValueError(f"slice answer {answer!r} does not fit a {n_source}-slice study")
+    scale = (n_target - 1) / max(n_source - 1, 1)
+    return f"{round((first - 1) * scale) + 1}-{round((last - 1) * scale) + 1}"
+
+
 def ct_questions(phantom: Phantom, seed: int | None = None) -> list[dict[str, str]]:
     """Presence for every renderable finding; side and slices for present ones; the nodule count."""
     rng = np.random.default_rng(phantom.seed if seed is None else seed)

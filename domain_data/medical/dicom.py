@@ -320,7 +320,8 @@ def _largest_ct_series(groups: dict[str, list[SliceHeader]], source: str, summar
         if any(g[0].modality == "CT" for g in groups.values()):
             raise redactor.error(f"{source}: the CT series has no pixel data (missing PixelData); "
                                  "export the images, not only their headers")
-        raise redactor.error(f"{source}: no CT image series found (found: {found}); upload a CT study")
+        raise redactor.error(f"{source}: no CT image series found (found: {found}); this tool reads CT "
+                             "studies only: upload a CT series")
     return max(ct_groups, key=lambda uid: sum(1 for h in ct_groups[uid] if "LOCALIZER" not in h.image_type))
 
 

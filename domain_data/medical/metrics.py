@@ -253,14 +253,22 @@ def _shadowed(clause: str, start: int, name: str) -> bool:
 # ----------------------------------------------------------------------------------- closed VQA
 
 _LETTER_RES = (
-    re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?\b([A-Z])\b\)?", re.IGNORECASE),
-    re.compile(r"^\s*\(?([A-Z])\)?(?:[.:)\s]|$)"),
+    # "the answer is (B)", "Option: C", "choice B" - the letter itself must be upper case
+    re.compile(r"(?i:answer|option|choice)\s*(?i:is)?\s*:?\s*\(?\b([A-Z])\b\)?(?![\w'])"),
+    # the answer starts with a bare letter: "B", "B.", "(B)", "B)", "B:"
+    re.compile(r"^\s*\(?([A-Z])(?:\)|\.|:|\s*$)"),
+    # a parenthesised letter anywhere: "... (C) ..."
     re.compile(r"\(([A-Z])\)"),
 )
 
 
 def match_option(answer: str, options: Sequence[str]) -> int:
-    """Index of the option an answer picks: letter, then option text, then closest option (HuatuoGPT-Vision)."""
+    """Index of the option an answer picks (HuatuoGPT-Vision's order of rules).
+
+    1. an option letter (A, B, ...): "B", "(B)", "B.", "the answer is B";
+    2. else an option's text appearing as whole words in the answer (the first mentioned wins);
+    3. else the option closest to the answer (difflib ratio, case-insensitive).
+    """
     if not options:
         raise MedicalDatasetError("a closed question needs at least one option")
     letters = [chr(ord("A") + i) for i in range(len(options))]
@@ -269,9 +277,10 @@ def match_option(answer: str, options: Sequence[str]) -> int:
         if match and match.group(1).upper() in letters:
             return letters.index(match.group(1).upper())
     lowered = answer.lower()
-    contained = [i for i, option in enumerate(options) if option.strip() and option.lower().strip() in lowered]
-    if contained:
-        return max(contained, key=lambda i: len(options[i]))  # the longest (most specific) option text
+    found = [(match.start(), -len(option), i) for i, option in enumerate(options) if option.strip()
+             for match in [re.search(rf"(?<!\w){re.escape(option.lower().strip())}(?!\w)", lowered)] if match]
+    if found:
+        return min(found)[2]  # the option mentioned first; the longest one on a tie
     ratios = [difflib.SequenceMatcher(None, lowered, option.lower()).ratio() for option in options]
     return int(np.argmax(ratios))
 

@@ -67,6 +67,7 @@ class TileInfo:
     placement: tuple[int, int, int, int]
     crs_bounds: tuple[float, float, float, float] | None
     lonlat_bounds: tuple[float, float, float, float] | None
+    scale: int = 1
 
     @property
     def label(self) -> str:
@@ -79,11 +80,8 @@ class TileInfo:
 
     def tile_to_source(self, u: float, v: float) -> tuple[float, float]:
         """Tile pixel coordinates (0..T, may lie in the padding) -> source pixel coordinates."""
-        px0, py0, px1, py1 = self.placement
-        w = self.window
-        x = w.col_off + (u - px0) * w.width / (px1 - px0)
-        y = w.row_off + (v - py0) * w.height / (py1 - py0)
-        return float(x), float(y)
+        px0, py0, _, _ = self.placement
+        return float(self.window.col_off + (u - px0) * self.scale), float(self.window.row_off + (v - py0) * self.scale)
 
     def to_dict(self) -> dict:
         return {
@@ -177,8 +175,31 @@ def plan_tiles(raster: Raster, plan: GridPlan) -> tuple[TileInfo, ...]:
             if raster.georeferenced:
                 crs_bounds = tuple(float(v) for v in window_bounds(window, raster.transform))
                 lonlat = _lonlat_bounds(raster.crs, crs_bounds)
-            tiles.append(TileInfo(len(tiles), r, c, window, (px0, py0, px1, py1), crs_bounds, lonlat))
+            tiles.append(TileInfo(len(tiles), r, c, window, (px0, py0, px1, py1), crs_bounds, lonlat, plan.scale))
     return tuple(tiles)
+
+
+def _axis_parts(offset: int, length: int, out_length: int, scale: int) -> list[tuple[int, int, int, int]]:
+    """Split one axis of a window into (out start, out stop, source start, source length) parts: the
+    level pixels made of whole ``scale``-pixel blocks, then the last, partial one (at the raster edge)."""
+    whole = min(out_length, length // scale)
+    parts = [(0, whole, offset, whole * scale)] if whole else []
+    if whole < out_length:
+        parts.append((whole, out_length, offset + whole * scale, length - whole * scale))
+    return parts
+
+
+def read_level_window(raster: Raster, window: Window, out_shape: tuple[int, int], scale: int) -> np.ndarray:
+    """(h, w, 3) uint8 of ``window`` at 1:``scale``: every output pixel is the average of exactly the
+    ``scale`` x ``scale`` source block it stands for (fewer pixels at the right/bottom raster edge)."""
+    out_h, out_w = out_shape
+    if scale == 1:
+        return raster.read_window(window)
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    for oy0, oy1, sy0, sh in _axis_parts(int(window.row_off), int(window.height), out_h, scale):
+        for ox0, ox1, sx0, sw in _axis_parts(int(window.col_off), int(window.width), out_w, scale):
+            out[oy0:oy1, ox0:ox1] = raster.read_window(Window(sx0, sy0, sw, sh), (oy1 - oy0, ox1 - ox0))
+    return out
 
 
 class LazyTiles(Sequence):
@@ -279,13 +300,14 @@ class TiledImage:
     def read_tile(self, index: int) -> Image.Image:
         """Tile ``index`` (row-major, 0-based; negative counts from the end) as a T x T RGB image."""
         info = self.tile_infos[index]
-        return self._compose(info, self.raster.read_window(info.window, self._level_shape(info)))
+        return self._compose(info, read_level_window(self.raster, info.window, self._level_shape(info), self.scale))
 
     def iter_tiles(self) -> Iterator[Image.Image]:
         """Tiles in row-major order, read one at a time (PNG/JPEG: one strip of tiles at a time)."""
         if not self.raster.sequential:
             for info in self.tile_infos:
-                yield self._compose(info, self.raster.read_window(info.window, self._level_shape(info)))
+                yield self._compose(info, read_level_window(self.raster, info.window, self._level_shape(info),
+                                                            self.scale))
             return
         cols = self.plan.cols
         for r in range(self.plan.rows):
@@ -293,7 +315,7 @@ class TiledImage:
             first = row_infos[0]
             strip_window = Window(0, first.window.row_off, self.plan.width, first.window.height)
             level_h = first.placement[3] - first.placement[1]
-            strip = self.raster.read_window(strip_window, (level_h, self.plan.level_width))
+            strip = read_level_window(self.raster, strip_window, (level_h, self.plan.level_width), self.scale)
             offset = 0
             for info in row_infos:
                 width = info.placement[2] - info.placement[0]
@@ -313,7 +335,7 @@ class TiledImage:
 
     def source_to_crs(self, x: float, y: float) -> tuple[float, float]:
         """Source pixel coordinates -> coordinates in the raster's CRS (needs a georeference)."""
-        cx, cy = self.raster.transform * (x, y)
+        cx, cy = self.raster.transform @ (x, y)
         return float(cx), float(cy)
 
     # -- description -----------------------------------------------------------------------------

@@ -20,8 +20,11 @@ from pathlib import Path
 
 from domain_data.medical.errors import MedicalDatasetError
 
-_OR_RE = re.compile(r"(?:^|,|\b(?:is it|is this|are they|is the|does it show)\s)\s*([\w\- ]+?)\s+or\s+([\w\- ]+?)\s*\?*$",
-                    re.IGNORECASE)
+# "X or Y" with one- or two-word alternatives: "left or right", "CT or MRI", "T1 or T2 weighted"
+_OR_RES = (
+    re.compile(r"([\w\-]+)\s+or\s+([\w\-]+)", re.IGNORECASE),
+    re.compile(r"([\w\-]+ [\w\-]+)\s+or\s+([\w\-]+ [\w\-]+)", re.IGNORECASE),
+)
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,11 @@ class ClosedVQARecord:
 def _options_from_raw(question: str, answer: str) -> tuple[str, ...] | None:
     if answer.lower() in ("yes", "no"):
         return ("yes", "no")
-    match = _OR_RE.search(question.strip())
-    if match:
-        options = (match.group(1).strip(), match.group(2).strip())
-        if answer.lower() in (o.lower() for o in options):
-            return options
+    for pattern in _OR_RES:
+        for match in pattern.finditer(question.strip().rstrip("?")):
+            options = (match.group(1).strip(), match.group(2).strip())
+            if answer.lower() in (o.lower() for o in options):
+                return options
     return None
 
 

@@ -112,10 +112,13 @@ def choose_thresholds(y_true_tune: LabelsLike, probabilities_tune: np.ndarray,
     grid = np.linspace(0.01, 0.99, 99) if candidates is None else np.asarray(candidates, dtype=np.float64)
     order = np.argsort(np.abs(grid - 0.5), kind="stable")  # prefer thresholds near 0.5 on ties
     grid = grid[order]
-    thresholds = np.empty(truth.shape[1])
-    for column in range(truth.shape[1]):
-        scores = [f1_score(truth[:, column], probs[:, column] >= g, zero_division=0) for g in grid]
-        thresholds[column] = grid[int(np.argmax(scores))]
+    predicted = probs[None, :, :] >= grid[:, None, None]  # (thresholds, n, 18)
+    positives = truth[None, :, :] == 1
+    tp = (predicted & positives).sum(axis=1)  # (thresholds, 18)
+    fp = (predicted & ~positives).sum(axis=1)
+    fn = (~predicted & positives).sum(axis=1)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(tp.shape), where=(2 * tp + fp + fn) > 0)
+    thresholds = grid[np.argmax(f1, axis=0)]  # first maximum = closest to 0.5
     return thresholds
 
 

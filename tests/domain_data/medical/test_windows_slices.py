@@ -1,0 +1,109 @@
+"""Windows (hand-computed grey levels) and CT volume -> ordered slice images + series prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from domain_data.medical.ct import CTVolume
+from domain_data.medical.errors import CTInputError
+from domain_data.medical.slices import MAX_SLICES, MIN_SLICES, ct_to_slices, montage, render_slice
+from domain_data.medical.windows import WINDOWS, apply_window, multi_window_rgb
+from longllava.protocol import count_images, series_prompt
+
+
+def test_window_definitions() -> None:
+    assert (WINDOWS["lung"].width, WINDOWS["lung"].level) == (1500, -600)
+    assert (WINDOWS["mediastinum"].width, WINDOWS["mediastinum"].level) == (350, 50)
+    assert {"bone", "wide"} <= set(WINDOWS)
+
+
+def test_apply_window_hand_computed() -> None:
+    hu = np.array([-2000.0, -1350.0, -600.0, 150.0, 3000.0], dtype=np.float32)
+    # lung: 0 at -1350, 255 at +150, (x + 1350) * 255 / 1500 rounded
+    np.testing.assert_array_equal(apply_window(hu, "lung"), [0, 0, 128, 255, 255])
+    # mediastinum: -125 -> 0, 225 -> 255, 50 -> 127.5 -> 128, 0 -> 91.07 -> 91
+    np.testing.assert_array_equal(apply_window(np.array([-125.0, 0.0, 50.0, 225.0]), "mediastinum"),
+                                  [0, 91, 128, 255])
+    with pytest.raises(CTInputError, match="unknown CT window 'soft'"):
+        apply_window(hu, "soft")
+
+
+def test_multi_window_rgb_channels() -> None:
+    plane = np.array([[-1000.0, 40.0], [700.0, 1500.0]], dtype=np.float32)
+    rgb = multi_window_rgb(plane)
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    for channel, name in enumerate(("lung", "mediastinum", "bone")):
+        np.testing.assert_array_equal(rgb[..., channel], apply_window(plane, name))
+    with pytest.raises(CTInputError):
+        multi_window_rgb(np.zeros((2, 2, 2)))
+
+
+def _volume(n: int, rows: int = 12, cols: int = 12, spacing=(2.0, 1.0, 1.0), offsets=None) -> CTVolume:
+    hu = np.full((n, rows, cols), -1000.0, dtype=np.float32)
+    hu[:, :, :] += (np.arange(n, dtype=np.float32) * 10.0)[:, None, None]  # z ramp
+    return CTVolume(hu, spacing, np.eye(4), {}, None if offsets is None else np.asarray(offsets, float))
+
+
+def _grey(image) -> np.ndarray:
+    return np.asarray(image)[..., 0].astype(float)
+
+
+def test_default_keeps_count_in_range() -> None:
+    slices = ct_to_slices(_volume(150), window="wide", size=16)
+    assert len(slices) == 150 and "own 150" in slices.resampled
+    np.testing.assert_array_equal(slices.source_indices, np.arange(150))
+    assert slices.prompt == series_prompt(150) and count_images(slices.prompt) == 150
+    assert slices.images[0].size == (16, 16) and slices.images[0].mode == "RGB"
+
+
+def test_short_study_resampled_up_to_min_and_ordered() -> None:
+    slices = ct_to_slices(_volume(20), window="wide", size=16)
+    assert len(slices) == MIN_SLICES and "resampled" in slices.resampled
+    means = [_grey(im)[4:12, 4:12].mean() for im in slices.images]
+    assert all(b >= a for a, b in zip(means, means[1:]))  # inferior -> superior, monotone ramp
+    # plane 50 of 100 over 19 mm sits at index 50 * 19 / 99 = 9.596 -> HU -1000 + 95.96
+    expected = (-1000 + 95.96 + 1000) * 255 / 2000
+    assert abs(_grey(slices.images[50])[8, 8] - expected) <= 1.0
+
+
+def test_long_study_clipped_to_max() -> None:
+    slices = ct_to_slices(_volume(1200, rows=4, cols=4), window="lung", size=8)
+    assert len(slices) == MAX_SLICES and slices.source_indices[-1] == pytest.approx(1199)
+
+
+def test_num_slices_and_spacing_options() -> None:
+    volume = _volume(200)  # 398 mm extent at 2 mm
+    assert len(ct_to_slices(volume, num_slices=7, size=8)) == 7
+    assert len(ct_to_slices(volume, spacing_mm=1.0, size=8)) == 399
+    assert len(ct_to_slices(volume, spacing_mm=10.0, size=8)) == MIN_SLICES  # 40 clipped to 100
+    with pytest.raises(CTInputError, match="not both"):
+        ct_to_slices(volume, num_slices=10, spacing_mm=2.0)
+    with pytest.raises(CTInputError, match="num_slices"):
+        ct_to_slices(volume, num_slices=2000)
+    with pytest.raises(CTInputError, match="spacing_mm"):
+        ct_to_slices(volume, spacing_mm=-1.0)
+
+
+def test_uneven_offsets_sampled_on_real_positions() -> None:
+    offsets = [0.0, 1.0, 2.0, 10.0]  # four planes, a gap between 2 and 10 mm
+    slices = ct_to_slices(_volume(4, offsets=offsets), num_slices=6, window="wide", size=8)
+    np.testing.assert_allclose(slices.positions_mm, [0, 2, 4, 6, 8, 10])
+    np.testing.assert_allclose(slices.source_indices, [0, 2, 2.25, 2.5, 2.75, 3])
+
+
+def test_aspect_kept_with_black_padding() -> None:
+    plane = np.full((10, 20), 40.0, dtype=np.float32)  # 10 rows x 20 cols, square pixels
+    image = np.asarray(render_slice(plane, "mediastinum", 20))
+    assert image.shape == (20, 20, 3)
+    assert image[:5].max() == 0 and image[15:].max() == 0 and image[5:15].min() > 0
+    wide_pixels = np.asarray(render_slice(np.full((10, 10), 40.0, np.float32), "mediastinum", 20, (2.0, 1.0)))
+    assert wide_pixels[:, :5].max() == 0 and wide_pixels[:, 5:15].min() > 0  # 20 mm tall x 10 mm wide
+
+
+def test_montage_layout() -> None:
+    slices = ct_to_slices(_volume(100), window="wide", size=16)
+    sheet = montage(slices, columns=4, max_images=10, tile=8)
+    assert sheet.size == (32, 24)
+    with pytest.raises(CTInputError):
+        montage([])

@@ -1,0 +1,215 @@
+"""App logic without a browser: loading, privacy, limits, error messages, overlay, exports, auth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apps.common import (
+    AppConfig,
+    AppInputError,
+    check_upload_size,
+    error_markdown,
+    guarded,
+    resolve_auth,
+    strip_upload_dirs,
+)
+from domain_data.medical.errors import CTInputError
+from longllava.errors import UserInputError
+
+
+@pytest.fixture()
+def config(tmp_path: Path) -> AppConfig:
+    return AppConfig(num_slices=4, max_tiles=4, max_new_tokens=8, cache_dir=tmp_path / "cache")
+
+
+# ----------------------------------------------------------------------------- CT
+
+
+def test_dicom_files_and_zip_load_with_capped_slices_and_no_identifiers(study_files, identifiers, config) -> None:
+    from apps.ct_app import export_markdown, export_payload, load_study, summary_markdown
+
+    for upload in (study_files.dicom_files, [study_files.dicom_zip]):
+        study = load_study(list(upload), config, image_size=56)
+        assert len(study.model_slices) == 4
+        assert study.visual_prompt.count("<image>") == 4
+        assert study.summary["slices"] == 16 and study.summary["modality"] == "CT"
+        assert study.viewer_hu.dtype == np.int16 and study.viewer_hu.shape == (16, 64, 64)
+        study.turns.append(("Any nodule?", "No."))
+        payload = export_payload(study, "tiny")
+        shown = summary_markdown(study) + json.dumps(payload) + export_markdown(payload)
+        for variant in identifiers:
+            assert variant.lower() not in shown.lower(), variant
+        assert "series_uid" not in shown
+
+
+def test_viewer_windows_and_montage(study_files, config) -> None:
+    from apps.ct_app import load_study, montage_view, slice_view
+
+    study = load_study([study_files.nifti], config, image_size=56)
+    lung, mediastinum = slice_view(study, 8, "lung"), slice_view(study, 8, "mediastinum")
+    assert lung.size == mediastinum.size and min(lung.size) >= 320
+    assert np.asarray(lung).mean() != np.asarray(mediastinum).mean()
+    assert slice_view(study, 999, "bone").size == lung.size  # index clamped to the last slice
+    with pytest.raises(AppInputError, match="unknown window"):
+        slice_view(study, 0, "brain")
+    assert montage_view(study, "lung").size == (4 * 160, 4 * 160)
+
+
+def test_findings_checklist_parses_all_18(config) -> None:
+    from apps.ct_app import findings_question, findings_table
+
+    assert findings_question().count("\n- ") == 18
+    table = findings_table("Lung nodule: yes\nCardiomegaly: no\nThere is a small pleural effusion.")
+    assert len(table) == 18
+    assert table["Lung nodule"] == "present" and table["Pleural effusion"] == "present"
+    assert table["Cardiomegaly"] == "not found" and table["Emphysema"] == "not found"
+
+
+def test_model_messages_put_the_series_in_the_first_turn_only(study_files, config) -> None:
+    from apps.ct_app import load_study, model_messages
+
+    study = load_study([study_files.nifti], config, image_size=56)
+    first = model_messages(study, "Q1")
+    assert first == [{"role": "user", "content": f"{study.visual_prompt}\nQ1"}]
+    study.turns.append(("Q1", "A1"))
+    second = model_messages(study, "Q2")
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[2]["content"] == "Q2" and sum(m["content"].count("<image>") for m in second) == 4
+
+
+def test_upload_limit_and_empty_upload(study_files, config) -> None:
+    from apps.ct_app import load_study
+
+    config.max_upload_mb = 0.001
+    with pytest.raises(AppInputError, match="over this app's limit"):
+        load_study([study_files.nifti], config, image_size=56)
+    with pytest.raises(AppInputError, match="no file uploaded"):
+        load_study([], config, image_size=56)
+    check_upload_size([study_files.bad_file], max_mb=1.0)  # small files pass
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_guarded_handlers_turn_errors_into_messages() -> None:
+    import gradio as gr
+
+    @guarded("test", n_outputs=3, status_index=1)
+    def fails_for_user(path: str) -> tuple:
+        raise CTInputError(f"{path}: truncated gzip stream; re-export the volume")
+
+    @guarded("test", n_outputs=2, status_index=0)
+    def fails_inside() -> tuple:
+        raise RuntimeError("shape mismatch in layer 3")
+
+    @guarded("test", n_outputs=2, status_index=1)
+    def streams_then_fails():
+        yield "partial", "working"
+        raise CTInputError("bad slice")
+
+    first, status, third = fails_for_user("/tmp/gradio/0123456789abcdef0123/My Scan.nii.gz")
+    assert status == "**Error:** My Scan.nii.gz: truncated gzip stream; re-export the volume"
+    assert isinstance(first, type(gr.skip())) and isinstance(third, type(gr.skip()))
+    status, _ = fails_inside()
+    assert status.startswith("**Internal error** (RuntimeError)") and "shape mismatch" not in status
+    assert list(streams_then_fails())[-1][1] == "**Error:** bad slice"
+
+
+def test_error_markdown_and_paths() -> None:
+    assert error_markdown(UserInputError("x.zip: not a zip")) == "**Error:** x.zip: not a zip"
+    assert strip_upload_dirs("/srv/a/b/scan.dcm and '/tmp/x/y.zip'") == "scan.dcm and 'y.zip'"
+    assert strip_upload_dirs("member 'a/../b' at 3/4") == "member 'a/../b' at 3/4"
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_auth_is_required_off_loopback(monkeypatch) -> None:
+    monkeypatch.delenv("LONGLLAVA_APP_USER", raising=False)
+    monkeypatch.delenv("LONGLLAVA_APP_PASSWORD", raising=False)
+    assert resolve_auth("127.0.0.1") is None
+    with pytest.raises(AppInputError, match="LONGLLAVA_APP_USER"):
+        resolve_auth("0.0.0.0")
+    monkeypatch.setenv("LONGLLAVA_APP_USER", "analyst")
+    with pytest.raises(AppInputError, match="only one"):
+        resolve_auth("0.0.0.0")
+    monkeypatch.setenv("LONGLLAVA_APP_PASSWORD", "s3cret")
+    assert resolve_auth("0.0.0.0") == ("analyst", "s3cret")
+
+
+def test_cli_refuses_public_address_without_login(monkeypatch, capsys, tmp_path: Path) -> None:
+    from longllava.cli import main
+
+    monkeypatch.delenv("LONGLLAVA_APP_USER", raising=False)
+    monkeypatch.delenv("LONGLLAVA_APP_PASSWORD", raising=False)
+    code = main(["app", "--model", str(tmp_path / "missing"), "--host", "0.0.0.0"])
+    assert code == 2
+    assert "refusing to serve on 0.0.0.0 without a login" in capsys.readouterr().err
+    assert main(["app", "ct", "--model", "m", "--concurrency", "0"]) == 2
+
+
+def test_build_app_both_tabs_one_model_and_queue(tiny_model_dir: Path, config) -> None:
+    from apps.engine import load_shared_model
+    from apps.launcher import build_app
+
+    shared = load_shared_model(str(tiny_model_dir))
+    config.concurrency_limit, config.queue_max_size = 3, 7
+    app = build_app(shared, config)
+    labels = {getattr(block, "label", None) for block in app.blocks.values()}
+    assert {"CT study", "Satellite image"} <= labels
+    assert app._queue.default_concurrency_limit == 3 and app._queue.max_size == 7
+    api_names = {dep.api_name for dep in app.fns.values()}
+    assert {"ct_upload", "ct_ask", "ct_findings", "ct_export", "rs_upload", "rs_ask"} <= api_names
+    with pytest.raises(AppInputError, match="unknown app"):
+        build_app(shared, config, kinds=("mri",))
+
+
+# ----------------------------------------------------------------------------- satellite
+
+
+def test_referenced_tiles_are_highlighted_and_exported(raster_file: Path, config) -> None:
+    from apps.rs_app import draw_overlay, geojson_export, load_image, referenced_tiles
+
+    image = load_image([raster_file], config, tile_size=56)
+    assert image.grid == (2, 2) and len(image.model_images()) == 5
+    answer = "The bright squares are in row 1, column 2."
+    image.referenced = referenced_tiles(answer, image)
+    assert image.referenced == [(0, 1)]
+    plain = np.asarray(draw_overlay(image)).astype(int)
+    marked = np.asarray(draw_overlay(image, image.referenced)).astype(int)
+    cell = image.cell
+    centre_hit = marked[cell // 2, cell + cell // 2] - plain[cell // 2, cell + cell // 2]
+    assert centre_hit[0] > 20 and centre_hit[1] < 0  # redder inside the referenced tile
+    assert np.array_equal(marked[cell + cell // 2, cell // 2], plain[cell + cell // 2, cell // 2])
+    path, count = geojson_export(answer, image, config)
+    collection = json.loads(Path(path).read_text())
+    assert count == 1 and collection["features"][0]["properties"]["tile_row"] == 1
+    assert collection["features"][0]["properties"]["tile_col"] == 2
+    lon, lat = collection["features"][0]["geometry"]["coordinates"][0][0]
+    assert 10 < lon < 20 and 35 < lat < 40  # UTM 33N near (500 km E, 4200 km N)
+
+
+def test_raster_upload_errors(tmp_path: Path, raster_file: Path, config) -> None:
+    from apps.rs_app import load_image
+
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not an image")
+    with pytest.raises(UserInputError):
+        load_image([text_file], config, tile_size=56)
+    with pytest.raises(AppInputError, match="one image at a time"):
+        load_image([raster_file, raster_file], config, tile_size=56)
+
+
+def test_samples_are_generated_once(tmp_path: Path) -> None:
+    from apps.samples import sample_ct_study, sample_raster
+
+    ct = sample_ct_study(tmp_path)
+    raster = sample_raster(tmp_path)
+    assert ct.name.endswith(".nii.gz") and raster.suffix == ".tif"
+    stamp = ct.stat().st_mtime_ns, raster.stat().st_mtime_ns
+    assert (sample_ct_study(tmp_path).stat().st_mtime_ns, sample_raster(tmp_path).stat().st_mtime_ns) == stamp
+    assert not list(tmp_path.glob("partial-*"))

@@ -11,6 +11,7 @@ Run:  .venv/bin/python benchmarks/bench_ct_slices.py [--slices 300] [--size 512]
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import sys
 import tempfile
@@ -26,8 +27,13 @@ TARGET_RSS_GB = 2.0
 
 
 def peak_rss_gb() -> float:
-    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB, this process only
     return kilobytes / 1024**2
+
+
+def write_series(folder: Path, slices: int, size: int) -> None:
+    hu = phantom_hu(slices, size, size, seed=0)
+    write_ct_series(folder, hu, spacing_mm=(1.0, 0.7, 0.7), file_order_seed=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_ct_") as scratch:
         folder = Path(scratch) / "series"
-        hu = phantom_hu(args.slices, args.size, args.size, seed=0)
-        write_ct_series(folder, hu, spacing_mm=(1.0, 0.7, 0.7), file_order_seed=1)
-        del hu
+        writer = multiprocessing.get_context("spawn").Process(  # keeps the writer's memory out of our RSS
+            target=write_series, args=(folder, args.slices, args.size))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise SystemExit("writing the synthetic series failed")
         print(f"series: {args.slices} x {args.size} x {args.size} int16, uncompressed, shuffled file names")
         best_load = best_slice = float("inf")
         for _ in range(args.repeat):
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{TARGET_SECONDS / total:.2f}x")
         rss = peak_rss_gb()
         print(f"peak RSS     {rss:6.2f} GB  target {TARGET_RSS_GB:.1f} GB  ratio target/measured "
-              f"{TARGET_RSS_GB / rss:.2f}x (includes writing the series)")
+              f"{TARGET_RSS_GB / rss:.2f}x (load + slices; the series is written by a child process)")
     return 0 if total <= TARGET_SECONDS and rss <= TARGET_RSS_GB else 1
 
 

@@ -102,8 +102,11 @@ def _sniff(path: Path) -> Literal["zip", "nifti", "dicom"]:
     """Decide the reader from the content and check it agrees with the file name."""
     if not path.is_file():
         raise CTInputError(f"{path}: not a regular file; give a NIfTI file, a DICOM folder or a .zip")
-    with open(path, "rb") as handle:
-        head = handle.read(352)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(352)
+    except OSError as error:
+        raise CTInputError(f"{path}: cannot be read ({type(error).__name__}); check the file's permissions") from None
     if not head:
         raise CTInputError(f"{path}: the file is empty (0 bytes); upload the study again")
     name = path.name.lower()

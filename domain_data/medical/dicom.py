@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,12 @@ def safe_extract_zip(zip_path: Path, destination: Path) -> Path:
             if info.is_dir():
                 continue
             target = destination / f"{index:06d}.dcm"  # our own flat names: no user path is ever used
-            written_total += _copy_entry(archive, info, target, zip_path.name, written_total)
+            try:
+                written_total += _copy_entry(archive, info, target, zip_path.name, written_total)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as error:
+                raise CTInputError(f"{zip_path.name}: entry {info.filename!r} cannot be extracted "
+                                   f"({type(error).__name__}: {str(error)[:120]}); the archive is corrupt "
+                                   "or uses an unsupported compression: re-create it as a plain .zip") from None
     return destination
 
 

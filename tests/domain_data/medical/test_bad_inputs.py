@@ -87,6 +87,16 @@ def zip_symlink_entry(upload: Path) -> Path:
     return upload / "link.zip"
 
 
+def zip_corrupt_entry(upload: Path) -> Path:
+    with zipfile.ZipFile(upload / "corrupt.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("slice.dcm", bytes(range(256)) * 64)
+    data = bytearray((upload / "corrupt.zip").read_bytes())
+    start = 30 + len("slice.dcm")  # local header, name, then the deflated bytes
+    data[start + 5 : start + 40] = b"\xff" * 35
+    (upload / "corrupt.zip").write_bytes(bytes(data))
+    return upload / "corrupt.zip"
+
+
 def not_a_zip(upload: Path) -> Path:
     (upload / "study.zip").write_bytes(b"this is not an archive at all" * 10)
     return upload / "study.zip"
@@ -234,6 +244,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "nested zip renamed .dcm": (zip_nested_renamed, "nested archives"),
     "zip symlink entry": (zip_symlink_entry, "symbolic link"),
     "not a zip": (not_a_zip, "not a zip archive"),
+    "corrupt zip entry": (zip_corrupt_entry, "cannot be extracted"),
     "non-image DICOM": (non_image_dicom, "no CT image series found"),
     "MR instead of CT": (mr_instead_of_ct, r"no CT image series found \(found: MR \(4 files\)\)"),
     "single slice": (single_slice, "1 usable slice"),

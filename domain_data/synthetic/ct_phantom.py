@@ -622,8 +622,9 @@ def _save_nifti1(
     header["vox_offset"] = 352
     payload = header.binaryblock + b"\x00" * 4 + data_ijk.tobytes(order="F")  # NIfTI: i varies fastest
     if path.name.endswith(".gz"):
-        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
-            gz.write(payload)
+        with open(path, "wb") as raw:
+            with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+                gz.write(payload)
     else:
         path.write_bytes(payload)
 

@@ -4,7 +4,9 @@ Tile geometry (the rule of the sub-image tiler, ``domain_data.remote_sensing``):
 ``height x width`` pixels is padded **centred** to the next multiple of ``tile_size`` in each
 dimension (``padded = ceil(n / tile_size) * tile_size``; ``pad_before = (padded - n) // 2``, the odd
 pixel, if any, goes after), then cut into ``rows x cols`` tiles listed row by row from the top-left.
-Rows and columns are **1-based** in every user-facing text ("row 2, column 3"). :func:`tile_of`
+Rows and columns are **1-based** in every user-facing text ("row 2, column 3"). When the tiler
+downsamples by an integer ``scale`` to fit a tile budget, the same rule applies to the level image of
+``ceil(n / scale)`` pixels and source pixel ``p`` is level pixel ``p // scale``. :func:`tile_of`
 replicates that rule for a source pixel; objects are placed so that each lies wholly inside one tile
 (4 px clear of its borders) of the ``tile_size`` the scene was made for, so ``tile_of`` of any of its
 pixels agrees. At another tile size an object may straddle tiles: :meth:`SceneObject.tiles` tells.
@@ -76,12 +78,18 @@ def tile_grid(height: int, width: int, tile_size: int = 336) -> TileGrid:
     return TileGrid(height, width, tile_size, rows, cols, pad_top, pad_left)
 
 
-def tile_of(x: float, y: float, height: int, width: int, tile_size: int = 336) -> tuple[int, int]:
-    """1-based (row, col) of the tile holding source pixel (x, y) (column, row) of a ``height x width`` image."""
+def tile_of(
+    x: float, y: float, height: int, width: int, tile_size: int = 336, scale: int = 1
+) -> tuple[int, int]:
+    """1-based (row, col) of the tile holding source pixel (x, y) (column, row) of a ``height x width``
+    image, for the tiler's grid at integer downsampling ``scale`` (1 = full resolution)."""
     if not (0 <= x < width and 0 <= y < height):
         raise SyntheticDataError(f"pixel ({x}, {y}) is outside the {width}x{height} image")
-    grid = tile_grid(height, width, tile_size)
-    return int((y + grid.pad_top) // tile_size) + 1, int((x + grid.pad_left) // tile_size) + 1
+    if scale < 1:
+        raise SyntheticDataError(f"scale must be an integer >= 1, got {scale}")
+    grid = tile_grid(-(-height // scale), -(-width // scale), tile_size)
+    level_x, level_y = int(x) // scale, int(y) // scale
+    return (level_y + grid.pad_top) // tile_size + 1, (level_x + grid.pad_left) // tile_size + 1
 
 
 @dataclass(frozen=True)
@@ -203,7 +211,7 @@ def _background(height: int, width: int, rng: np.random.Generator) -> tuple[np.n
     horizontal = width >= height
     along, across = (width, height) if horizontal else (height, width)
     centre = across * rng.uniform(0.3, 0.7) + _smooth_1d(along, rng, across * 0.12, along * 0.9)
-    half_width = across * rng.uniform(0.06, 0.1) + _smooth_1d(along, rng, across * 0.01, along / 2)
+    half_width = max(across * rng.uniform(0.06, 0.1), 20.0) + _smooth_1d(along, rng, across * 0.01, along / 2)
     pos = np.arange(across, dtype=np.float32)
     water = np.abs(pos[:, None] - centre[None, :]) <= half_width[None, :]  # (across, along)
     water = water if horizontal else water.T
@@ -301,7 +309,7 @@ def _choose_tile(kind: str, classes: np.ndarray, grid: TileGrid, rng: np.random.
         for col in range(1, grid.cols + 1):
             x0, y0, x1, y1 = grid.window(row, col)
             share = float(allowed[y0:y1, x0:x1].mean()) if x1 > x0 and y1 > y0 else 0.0
-            if share > 0.15 and min(x1 - x0, y1 - y0) > 60:
+            if share > 0.08 and min(x1 - x0, y1 - y0) > 60:
                 candidates.append((row, col))
                 weights.append(share)
     if not candidates:
@@ -347,6 +355,26 @@ def _touches_object(classes: np.ndarray, cx: int, cy: int, half: int) -> bool:
     return bool(np.any(box == CLASSES["object"]))
 
 
+class _NoRoom(Exception):
+    def __init__(self, message: str, placed: list[SceneObject]) -> None:
+        super().__init__(message)
+        self.placed = placed
+
+
+def _place_kind(kind, spec, classes, colour, grid, rng, scale) -> list[SceneObject]:
+    """Place ``spec['count']`` objects of ``kind`` (one tile, a given tile, or spread); raise _NoRoom."""
+    placed: list[SceneObject] = []
+    try:
+        tile = tuple(spec["tile"]) if "tile" in spec else None
+        for _ in range(int(spec.get("count", 0))):
+            if tile is None or spec.get("spread"):
+                tile = _choose_tile(kind, classes, grid, rng)
+            placed.append(_place_in_tile(kind, tile, classes, colour, grid, rng, scale))
+    except SyntheticDataError as error:
+        raise _NoRoom(str(error), placed) from None
+    return placed
+
+
 def _normalise_objects(objects: Mapping[str, Any] | None, rng: np.random.Generator) -> dict[str, dict[str, Any]]:
     if objects is None:  # each kind absent with p 0.3, else 1-5 objects
         return {k: {"count": int(rng.integers(1, 6)) if rng.random() > 0.3 else 0} for k in OBJECT_KINDS}
@@ -371,7 +399,8 @@ def make_scene(
 ) -> Scene:
     """A seeded RGB scene with objects in known tiles of the ``tile_size`` grid.
 
-    ``objects``: ``None`` draws 0-5 of each kind; otherwise ``{kind: count}`` or ``{kind: {"count": n,
+    ``objects``: ``None`` draws 0-5 of each kind (fewer when a small scene has no room: the objects
+    list and the counts are what was placed); otherwise ``{kind: count}`` or ``{kind: {"count": n,
     "tile": (row, col), "spread": bool}}`` (``tile`` 1-based; ``spread`` scatters the objects over
     random suitable tiles instead of clustering them in one). ``dtype`` ``uint16`` gives 12-bit sensor
     values (0-4095, not stretched) as a 16-bit product would.
@@ -387,14 +416,12 @@ def make_scene(
     placed: list[SceneObject] = []
     for kind in OBJECT_KINDS:
         spec = wanted.get(kind, {"count": 0})
-        count = int(spec.get("count", 0))
-        if count == 0:
-            continue
-        tile = tuple(spec["tile"]) if "tile" in spec else _choose_tile(kind, classes, grid, rng)
-        for _ in range(count):
-            if spec.get("spread"):
-                tile = _choose_tile(kind, classes, grid, rng)
-            placed.append(_place_in_tile(kind, tile, classes, colour, grid, rng, object_scale))
+        try:
+            placed += _place_kind(kind, spec, classes, colour, grid, rng, object_scale)
+        except _NoRoom as error:
+            if objects is not None:  # asked for explicitly: say so; a random draw keeps what fitted
+                raise SyntheticDataError(str(error)) from None
+            placed += error.placed
     image = _finish_image(colour, rng, dtype)
     return Scene(seed=seed, image=image, classes=classes, objects=placed, tile_size=tile_size)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning
-from rasterio.transform import from_origin
+from affine import Affine
 
 
 def write_raster(path: Path, data: np.ndarray, crs: str | None = None, transform=None, nodata=None,
@@ -40,9 +40,9 @@ def seeded_image(shape: tuple[int, int, int], dtype: str, seed: int) -> np.ndarr
 
 
 UTM_33N = "EPSG:32633"
-UTM_TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
+UTM_TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)  # north-up, 10 m pixels
 GEOGRAPHIC = "EPSG:4326"
-GEO_TRANSFORM = from_origin(100.0, -10.0, 0.0005, 0.0005)
+GEO_TRANSFORM = Affine(0.0005, 0.0, 100.0, 0.0, -0.0005, -10.0)  # lon 100 E, lat 10 S
 
 
 @pytest.fixture

@@ -13,6 +13,9 @@ from domain_data.remote_sensing.tiling import tile_image
 from longllava.cli import main as cli_main
 from longllava.errors import UserInputError
 
+# rasterio's own Affine arithmetic warns about `*` (affine 3); not ours to change.
+pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
+
 
 def _empty(tmp_path, rs):
     path = tmp_path / "empty.tif"

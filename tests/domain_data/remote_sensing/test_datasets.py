@@ -16,6 +16,9 @@ from domain_data.remote_sensing.datasets import (
 from domain_data.remote_sensing.errors import DatasetInputError
 from domain_data.remote_sensing.metrics import fitrsfg_vqa_scores
 
+# rasterio's own Affine arithmetic warns about `*` (affine 3); not ours to change.
+pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
+
 NAMES = ["P0001__512__0___512.png", "P0002__512__1024___2048.png"]
 
 

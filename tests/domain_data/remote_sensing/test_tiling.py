@@ -16,6 +16,9 @@ from domain_data.remote_sensing.raster import PAD_COLOUR, open_raster
 from domain_data.remote_sensing.tiling import LazyTiles, plan_grid, tile_image
 from longllava.protocol import count_images, grid_prompt
 
+# rasterio's own Affine arithmetic warns about `*` (affine 3); not ours to change.
+pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
+
 
 @dataclass(frozen=True)
 class Case:

@@ -384,6 +384,13 @@ def _check_decoder(header: SliceHeader, source: str, redactor: Redactor) -> None
                              "'pip install longllava-suite[dicom-codecs]' (pylibjpeg + plugins)")
 
 
+def _needs_decoder(syntax: str) -> bool:
+    try:
+        return bool(pydicom.uid.UID(syntax).is_compressed)
+    except ValueError:  # not a known transfer syntax (private UID): let the decoder lookup say so
+        return True
+
+
 def read_pixels(choice: SeriesChoice, source: str, redactor: Redactor,
                 max_voxels: int = MAX_VOXELS) -> np.ndarray:
     """HU volume (n_slices, rows, columns) float32 in the sorted slice order; slope/intercept per slice."""
@@ -395,11 +402,9 @@ def read_pixels(choice: SeriesChoice, source: str, redactor: Redactor,
     if first.samples_per_pixel != 1:
         raise redactor.error(f"{source}: series {choice.series_uid} has {first.samples_per_pixel} samples per "
                              "pixel (colour); CT slices are greyscale")
-    compressed = {h.transfer_syntax for h in choice.headers}
-    for syntax in compressed:
-        header = next(h for h in choice.headers if h.transfer_syntax == syntax)
-        if pydicom.uid.UID(syntax).is_compressed if syntax else False:
-            _check_decoder(header, source, redactor)
+    for syntax in {h.transfer_syntax for h in choice.headers if h.transfer_syntax}:
+        if _needs_decoder(syntax):
+            _check_decoder(next(h for h in choice.headers if h.transfer_syntax == syntax), source, redactor)
     volume = np.empty((len(choice.headers), first.rows, first.columns), dtype=np.float32)
     for index, header in enumerate(choice.headers):
         _read_slice(header, volume[index], source, redactor)

@@ -159,6 +159,26 @@ def undecodable_jpeg(upload: Path) -> Path:
     return folder
 
 
+def colour_images(upload: Path) -> Path:
+    folder = upload / "rgb"
+    folder.mkdir()
+    for k in range(2):  # an RGB secondary capture relabelled CT with geometry
+        dataset = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+        dataset.Modality, dataset.SeriesInstanceUID = "CT", "1.2.3.8"
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.ImagePositionPatient = [0, 0, 2.0 * k]
+        dataset.save_as(folder / f"{k}.dcm")
+    return folder
+
+
+def private_transfer_syntax(upload: Path) -> Path:
+    for path in _series(upload / "private"):
+        dataset = pydicom.dcmread(path)
+        dataset.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"
+        dataset.save_as(path)
+    return upload / "private"
+
+
 def nan_voxels(upload: Path) -> Path:
     hu = phantom_hu(6, 16, 16)
     hu[2, 3, 4], hu[4, 5, 6] = np.nan, np.inf
@@ -252,6 +272,8 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "compression without plugin": (unsupported_compression_without_plugin, "decoder that is not installed"),
     "undecodable JPEG": (undecodable_jpeg, "cannot decode the pixels"),
     "NaN/inf voxels": (nan_voxels, "NaN or infinite"),
+    "colour images": (colour_images, "3 samples per pixel"),
+    "private transfer syntax": (private_transfer_syntax, "transfer syntax 1.2.3.4.5.6.7 has no decoder in pydicom"),
     "huge NIfTI dimensions": (huge_nifti_dimensions, "refused before reading"),
     "huge DICOM dimensions": (huge_dicom_dimensions, "refused before reading"),
     "wrong extension": (wrong_extension_png, "unsupported file type '.png'"),

@@ -49,15 +49,31 @@ def test_jpeg2000_ct_series_decodes(copy_series, tmp_path: Path) -> None:
     assert volume.metadata["transfer_syntaxes"] == ["1.2.840.10008.1.2.4.91"]
 
 
-@pytest.mark.parametrize("compressed", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])
+@pytest.mark.parametrize("compressed", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
+                                        "MR_small_RLE.dcm"])
 def test_lossless_compressed_series_equal_uncompressed(copy_series, tmp_path: Path, compressed: str) -> None:
-    """JPEG-LS / JPEG 2000 lossless copies of MR_small decode to the uncompressed pixels (relabelled CT)."""
-    load_ct_kwargs = {}
+    """JPEG-LS / JPEG 2000 / RLE lossless copies of MR_small decode to the uncompressed pixels (relabelled CT)."""
     copy_series(compressed, tmp_path / "c", 3, modality="CT")
     copy_series("MR_small.dcm", tmp_path / "u", 3, modality="CT")
-    decoded, plain = load_ct(tmp_path / "c", **load_ct_kwargs), load_ct(tmp_path / "u")
+    decoded, plain = load_ct(tmp_path / "c"), load_ct(tmp_path / "u")
     assert decoded.shape == plain.shape == (3, 64, 64)
     np.testing.assert_array_equal(decoded.hu, plain.hu)
+
+
+def test_extended_jpeg_series_decodes(copy_series, tmp_path: Path, testdata) -> None:
+    """JPGExtended.dcm (12-bit extended JPEG, pylibjpeg-libjpeg) given CT geometry."""
+    folder = tmp_path / "jpeg"
+    folder.mkdir()
+    expected = pydicom.dcmread(testdata("JPGExtended.dcm")).pixel_array.astype(np.float32)
+    for k in range(2):
+        dataset = pydicom.dcmread(testdata("JPGExtended.dcm"))
+        dataset.Modality, dataset.SeriesInstanceUID = "CT", "1.2.3.7"
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.ImagePositionPatient = [0, 0, 4.0 * k]
+        dataset.save_as(folder / f"{k}.dcm")
+    volume = load_ct(folder)
+    assert volume.shape == (2, 1024, 256) and volume.metadata["transfer_syntaxes"] == ["1.2.840.10008.1.2.4.51"]
+    np.testing.assert_array_equal(volume.hu[0], expected)  # no slope/intercept in the file: 1 / 0
 
 
 def test_zip_of_series_loads_like_folder_and_cleans_up(copy_series, tmp_path: Path, scratch_tempdir: Path) -> None:

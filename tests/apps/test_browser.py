@@ -131,3 +131,13 @@ def test_sample_buttons(page, artifacts_dir: Path) -> None:
     page.locator("#rs-sample").click()
     expect()(page.locator("#rs-status")).to_contain_text("Sample image loaded", timeout=LOAD_TIMEOUT_MS)
     page.screenshot(path=str(artifacts_dir / "satellite_sample.png"), full_page=True)
+
+
+def test_upload_over_the_size_limit_is_refused(page, study_files, tmp_path: Path) -> None:
+    huge = tmp_path / "huge_study.nii.gz"
+    with huge.open("wb") as handle:  # the test server's limit is 20 MB
+        handle.truncate(21 * 1024 * 1024)
+    upload(page, "ct-upload", [huge])
+    expect()(page.get_by_text("exceed the maximum allowed size")).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+    upload(page, "ct-upload", [study_files.nifti])
+    expect()(page.locator("#ct-status")).to_contain_text("Study loaded", timeout=LOAD_TIMEOUT_MS)

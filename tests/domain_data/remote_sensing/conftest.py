@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 
 
 def write_raster(path: Path, data: np.ndarray, crs: str | None = None, transform=None, nodata=None,

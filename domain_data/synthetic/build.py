@@ -2,7 +2,7 @@
 
 ``python -m domain_data.synthetic.build --out DIR --seed N`` (or :func:`build_synthetic_sets`) writes::
 
-    DIR/manifest.json                 parameters, file list, counts, conventions (no paths outside DIR, no time)
+    DIR/manifest.json                 parameters, file list, counts, conventions (no outside paths, no time)
     DIR/ct/{train,test}/ct_{split}_NNNN.nii.gz     NIfTI studies (int16 HU, LPS voxel axes)
     DIR/ct/{train,test}/ct_{split}_NNNN/CT*.dcm     every ``dicom_every``-th study as a DICOM series folder
     DIR/ct_train.json                 list of LLaVA records, one per study, all questions + report as turns
@@ -12,7 +12,8 @@
     DIR/rs/{train,test}/rs_{split}_NNNN.tif        GeoTIFF scenes (uint8 RGB, EPSG:32633, 0.5 m)
     DIR/rs_train.json                 LLaVA / FIT-RS records, one per scene, all questions as turns
     DIR/rs_test.jsonl                 one LLaVA record per question (fields kind, object)
-    DIR/rs_test_fitrsfg.jsonl         FIT-RSFG-Bench style items {question_id, image, question, category, ground_truth}
+    DIR/rs_test_fitrsfg.jsonl         FIT-RSFG-Bench style items
+                                      {question_id, image, question, category, ground_truth}
     DIR/rs_{split}_scenes.jsonl       per-scene ground truth (objects, pixel boxes, tiles)
     DIR/niah/haystack/NNNN.png, DIR/niah/needles/needle_KK.png, DIR/niah_test.jsonl (when n_niah > 0)
 
@@ -121,8 +122,14 @@ def _ct_split(out_dir: Path, split: str, n: int, cfg: BuildConfig) -> dict[str, 
         qa = ct_questions(phantom)
         rows["labels"].append([rel, *phantom.label_vector()])
         rows["studies"].append(
-            {"id": name, "image": rel, "format": "dicom" if as_dicom else "nifti", "layout": "series",
-             "ground_truth": phantom.ground_truth(), "report": ct_report(phantom)}
+            {
+                "id": name,
+                "image": rel,
+                "format": "dicom" if as_dicom else "nifti",
+                "layout": "series",
+                "ground_truth": phantom.ground_truth(),
+                "report": ct_report(phantom),
+            }
         )
         if split == "train":
             rows["records"].append(llava_record(name, rel, "series", [*qa, ct_report_question(phantom)]))
@@ -153,13 +160,20 @@ def _rs_split(out_dir: Path, split: str, n: int, cfg: BuildConfig) -> dict[str, 
         rel = f"rs/{split}/{name}.tif"
         write_geotiff(scene, out_dir / rel)
         qa = scene_questions(scene)
-        rows["scenes"].append({"id": name, "image": rel, "layout": "grid", "ground_truth": scene.ground_truth()})
+        rows["scenes"].append(
+            {"id": name, "image": rel, "layout": "grid", "ground_truth": scene.ground_truth()}
+        )
         if split == "train":
             rows["records"].append(llava_record(name, rel, "grid", qa, tile_size=cfg.tile_size))
             continue
         for j, item in enumerate(qa):
             qid = f"{name}_q{j:02d}"
-            extra = {"kind": item["kind"], "object": item["object"], "scene": name, "tile_size": cfg.tile_size}
+            extra = {
+                "kind": item["kind"],
+                "object": item["object"],
+                "scene": name,
+                "tile_size": cfg.tile_size,
+            }
             rows["records"].append(llava_record(qid, rel, "grid", [item], **extra))
             rows["fitrsfg"].append(fitrsfg_item(qid, rel, item))
     return rows
@@ -188,8 +202,16 @@ def _niah(out_dir: Path, cfg: BuildConfig) -> list[dict[str, Any]]:
         Image.fromarray(image).save(out_dir / rel, optimize=False)
         images = [*haystack[:index], rel, *haystack[index + 1 :]]
         records.append(
-            {"id": f"niah_{k:02d}", "images": images, "layout": "images", "needle_index": index,
-             "depth": round(depth, 4), "question": NIAH_QUESTION, "answer": f"{colour} {shape}", "kind": "niah"}
+            {
+                "id": f"niah_{k:02d}",
+                "images": images,
+                "layout": "images",
+                "needle_index": index,
+                "depth": round(depth, 4),
+                "question": NIAH_QUESTION,
+                "answer": f"{colour} {shape}",
+                "kind": "niah",
+            }
         )
     return records
 
@@ -227,8 +249,14 @@ def build_synthetic_sets(
         options["rs_sizes"] = tuple(tuple(int(v) for v in s) for s in options["rs_sizes"])
     if "ct_slices" in options:
         options["ct_slices"] = tuple(int(v) for v in options["ct_slices"])
-    cfg = BuildConfig(seed=seed, n_ct_train=n_ct_train, n_ct_test=n_ct_test, n_rs_train=n_rs_train,
-                      n_rs_test=n_rs_test, **options)
+    cfg = BuildConfig(
+        seed=seed,
+        n_ct_train=n_ct_train,
+        n_ct_test=n_ct_test,
+        n_rs_train=n_rs_train,
+        n_rs_test=n_rs_test,
+        **options,
+    )
     _check(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +303,9 @@ def build_synthetic_sets(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m domain_data.synthetic.build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m domain_data.synthetic.build", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-ct-train", type=int, default=40)
@@ -291,9 +321,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--niah-size", type=int, default=112)
     args = parser.parse_args(argv)
     manifest = build_synthetic_sets(
-        args.out, args.seed, args.n_ct_train, args.n_ct_test, args.n_rs_train, args.n_rs_test,
-        ct_size=args.ct_size, ct_slices=tuple(args.ct_slices), dicom_every=args.dicom_every,
-        tile_size=args.tile_size, n_niah=args.n_niah, niah_images=args.niah_images, niah_size=args.niah_size,
+        args.out,
+        args.seed,
+        args.n_ct_train,
+        args.n_ct_test,
+        args.n_rs_train,
+        args.n_rs_test,
+        ct_size=args.ct_size,
+        ct_slices=tuple(args.ct_slices),
+        dicom_every=args.dicom_every,
+        tile_size=args.tile_size,
+        n_niah=args.n_niah,
+        niah_images=args.niah_images,
+        niah_size=args.niah_size,
     )
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0

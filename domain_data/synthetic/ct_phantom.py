@@ -164,7 +164,8 @@ class Phantom:
 
 @dataclass(frozen=True)
 class _Grid:
-    """Normalised coordinates: ``u`` (x, right->left), ``v`` (y, anterior->posterior) in [-1, 1], ``t`` (z) in (0, 1)."""
+    """Normalised coordinates: ``u`` (x, right->left) and ``v`` (y, anterior->posterior) in [-1, 1];
+    ``t`` (z, inferior->superior) in (0, 1)."""
 
     u: np.ndarray  # (1, 1, X)
     v: np.ndarray  # (1, Y, 1)
@@ -350,7 +351,9 @@ def _render_nodules(labels, grid, params, rng) -> Finding:
                 )
                 break
         else:
-            raise SyntheticDataError(f"could not place lung nodule {i + 1} on the {side} side: lung too small")
+            raise SyntheticDataError(
+                f"could not place lung nodule {i + 1} on the {side} side: lung too small"
+            )
     return Finding(
         "Lung nodule",
         True,
@@ -469,7 +472,9 @@ def _normalise_findings(
         chosen = [name for name in RENDERABLE_FINDINGS if rng.random() < p]
         return {name: {} for name in chosen}
     if isinstance(findings, str):
-        raise SyntheticDataError(f"findings must be a list or a mapping of names, got the string {findings!r}")
+        raise SyntheticDataError(
+            f"findings must be a list or a mapping of names, got the string {findings!r}"
+        )
     items = findings.items() if isinstance(findings, Mapping) else ((name, {}) for name in findings)
     result: dict[str, dict[str, Any]] = {}
     for name, params in items:
@@ -506,7 +511,9 @@ def make_ct_phantom(
     wanted = _normalise_findings(findings, rng, finding_probability)
     spacing = (round(FOV_Z_MM / n_slices, 4), round(FOV_XY_MM / size, 4), round(FOV_XY_MM / size, 4))
     grid = _make_grid(n_slices, size, spacing)
-    labels = _anatomy_labels(grid, "Cardiomegaly" in wanted, rib_phase_mm=float(rng.uniform(0, RIB_PERIOD_MM)))
+    labels = _anatomy_labels(
+        grid, "Cardiomegaly" in wanted, rib_phase_mm=float(rng.uniform(0, RIB_PERIOD_MM))
+    )
 
     result: dict[str, Finding] = {}
     for name, render in _RENDERERS.items():
@@ -582,9 +589,7 @@ def write_volume_nifti(
     raw = np.round((hu - intercept) / slope) if rescale is not None else np.round(hu)
     data = np.ascontiguousarray(raw.transpose(2, 1, 0)).astype(dtype)  # (z,y,x) -> (i=x, j=y, k=z)
     # RAS = (-L, -P, S): x_ras = -(x0 + i*sx), y_ras = -(y0 + j*sy), z_ras = z0 + k*sz
-    affine = np.array(
-        [[-sx, 0, 0, -x0], [0, -sy, 0, -y0], [0, 0, sz, z0], [0, 0, 0, 1]], dtype=np.float64
-    )
+    affine = np.array([[-sx, 0, 0, -x0], [0, -sy, 0, -y0], [0, 0, sz, z0], [0, 0, 0, 1]], dtype=np.float64)
     if flip_x:
         data = data[::-1]
         affine[:, 3] = affine @ np.array([nx - 1, 0, 0, 1.0])

@@ -61,7 +61,7 @@ def fake_patient(seed: int) -> FakePatient:
 
 @dataclass
 class DicomSeries:
-    """What :func:`write_ct_series` wrote. ``paths`` are in slice order (inferior->superior along the normal)."""
+    """What :func:`write_ct_series` wrote; ``paths`` in slice order (volume index 0 first)."""
 
     folder: Path
     paths: list[Path]
@@ -204,7 +204,9 @@ def write_ct_series(
     if origin is None:
         origin = -(row * (nx - 1) * sx + col * (ny - 1) * sy + normal * (nz - 1) * sz) / 2
     origin = np.asarray(origin, dtype=np.float64)
-    offsets = np.arange(nz) * sz if slice_offsets_mm is None else np.asarray(slice_offsets_mm, dtype=np.float64)
+    offsets = (
+        np.arange(nz) * sz if slice_offsets_mm is None else np.asarray(slice_offsets_mm, dtype=np.float64)
+    )
     if offsets.shape != (nz,):
         raise SyntheticDataError(f"slice_offsets_mm needs {nz} values, got {offsets.shape[0]}")
     rescales = [tuple(rescale)] * nz if np.ndim(rescale) == 1 else [tuple(r) for r in rescale]
@@ -241,8 +243,23 @@ def write_ct_series(
         paths.append(path)
         positions.append(tuple(float(v) for v in position))
 
-    localizer = _write_localizer(hu, (sz, sy, sx), out_dir, uid_seed, study_uid, series_uid, patient, meta,
-                                 file_prefix, origin, normal) if add_localizer else None
+    localizer = (
+        _write_localizer(
+            hu,
+            (sz, sy, sx),
+            out_dir,
+            uid_seed,
+            study_uid,
+            series_uid,
+            patient,
+            meta,
+            file_prefix,
+            origin,
+            normal,
+        )
+        if add_localizer
+        else None
+    )
     return DicomSeries(
         folder=out_dir,
         paths=paths,
@@ -255,7 +272,9 @@ def write_ct_series(
     )
 
 
-def _write_localizer(hu, spacing, out_dir, uid_seed, study_uid, series_uid, patient, meta, prefix, origin, normal):
+def _write_localizer(
+    hu, spacing, out_dir, uid_seed, study_uid, series_uid, patient, meta, prefix, origin, normal
+):
     """A coronal scout (mean over y) in the same series, ImageType LOCALIZER: loaders must drop it."""
     sz, _, sx = spacing
     projection = hu.mean(axis=1)[::-1]  # (z, x), superior row first as a scout is displayed
@@ -288,7 +307,9 @@ def read_series_hu(folder: str | Path, series_uid: str | None = None) -> tuple[n
         if "LOCALIZER" in list(ds.ImageType) or (series_uid and ds.SeriesInstanceUID != series_uid):
             continue
         row_col = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-        offset = float(np.asarray(ds.ImagePositionPatient, dtype=np.float64) @ np.cross(row_col[:3], row_col[3:]))
+        offset = float(
+            np.asarray(ds.ImagePositionPatient, dtype=np.float64) @ np.cross(row_col[:3], row_col[3:])
+        )
         hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         slices.append((offset, hu))
     if not slices:

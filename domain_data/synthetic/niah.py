@@ -94,7 +94,8 @@ def needle_image(seed: int, colour: str, shape: str, size: int = 112, index: int
     """A haystack image with a bold ``colour`` ``shape`` (dark outline) drawn on it."""
     if colour not in NEEDLE_COLOURS or shape not in NEEDLE_SHAPES:
         raise SyntheticDataError(
-            f"needle {colour} {shape} unknown: colours {', '.join(NEEDLE_COLOURS)}; shapes {', '.join(NEEDLE_SHAPES)}"
+            f"needle {colour} {shape} unknown: colours {', '.join(NEEDLE_COLOURS)}; "
+            f"shapes {', '.join(NEEDLE_SHAPES)}"
         )
     image = haystack_image(seed, index, size)
     mask = _shape_mask(shape, size, np.random.default_rng([seed, index, 11]))

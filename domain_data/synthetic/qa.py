@@ -78,22 +78,34 @@ def ct_questions(phantom: Phantom, seed: int | None = None) -> list[dict[str, st
         questions.append(_q(template.format(a=a), yes_no(finding.present), "presence", finding=name))
         if name == "Lung nodule":
             questions.append(
-                _q("How many lung nodules are there? Answer with a number.", str(finding.count or 0), "count",
-                   finding=name)
+                _q(
+                    "How many lung nodules are there? Answer with a number.",
+                    str(finding.count or 0),
+                    "count",
+                    finding=name,
+                )
             )
         if not finding.present:
             continue
         if name in LATERAL_FINDINGS and finding.side:
             where = "are the lung nodules" if name == "Lung nodule" else f"is {the}"
             questions.append(
-                _q(f"On which side {where} located? Answer left, right or both.", finding.side, "side",
-                   finding=name)
+                _q(
+                    f"On which side {where} located? Answer left, right or both.",
+                    finding.side,
+                    "side",
+                    finding=name,
+                )
             )
         if finding.slices is not None:
             where = "are the lung nodules" if name == "Lung nodule" else f"is {the}"
             questions.append(
-                _q(f"On which slices {where} visible? Answer as first-last slice number.",
-                   slice_range_text(finding.slices), "slices", finding=name)
+                _q(
+                    f"On which slices {where} visible? Answer as first-last slice number.",
+                    slice_range_text(finding.slices),
+                    "slices",
+                    finding=name,
+                )
             )
     return questions
 
@@ -112,12 +124,16 @@ def ct_report(phantom: Phantom) -> dict[str, str]:
     ctr = f["Cardiomegaly"].details.get("cardiothoracic_ratio")
     sentences = ["Trachea and both main bronchi are in the midline and patent."]
     if f["Cardiomegaly"].present:
-        sentences.append(f"The heart is enlarged (cardiothoracic ratio {ctr:.2f}), consistent with cardiomegaly.")
+        sentences.append(
+            f"The heart is enlarged (cardiothoracic ratio {ctr:.2f}), consistent with cardiomegaly."
+        )
     else:
         sentences.append(f"Heart contour and size are normal (cardiothoracic ratio {ctr:.2f}).")
     effusion = f["Pleural effusion"]
     if effusion.present:
-        kind = {"left": "A left-sided", "right": "A right-sided", "both": "Bilateral"}[effusion.side or "both"]
+        kind = {"left": "A left-sided", "right": "A right-sided", "both": "Bilateral"}[
+            effusion.side or "both"
+        ]
         sentences.append(
             f"{kind} pleural effusion is seen posteriorly at the lung base, about "
             f"{effusion.details['volume_ml']:.0f} ml, on slices {slice_range_text(effusion.slices)}."
@@ -189,7 +205,9 @@ def _join_numbers(values: Sequence[int]) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def scene_questions(scene: Scene, tile_size: int | None = None, seed: int | None = None) -> list[dict[str, str]]:
+def scene_questions(
+    scene: Scene, tile_size: int | None = None, seed: int | None = None
+) -> list[dict[str, str]]:
     """Count and presence for every object kind; row, column and tile of present kinds."""
     size = tile_size or scene.tile_size
     rng = np.random.default_rng(scene.seed if seed is None else seed)
@@ -201,24 +219,42 @@ def scene_questions(scene: Scene, tile_size: int | None = None, seed: int | None
             f"Count the {plural} in this image. Answer with a number.",
         )
         questions.append(_q(count_templates[int(rng.integers(2))], str(count), "count", object=kind))
-        questions.append(_q(f"Is there a {kind} in the image? Answer Yes or No.", yes_no(count > 0), "presence",
-                            object=kind))
+        questions.append(
+            _q(
+                f"Is there a {kind} in the image? Answer Yes or No.",
+                yes_no(count > 0),
+                "presence",
+                object=kind,
+            )
+        )
         if count == 0:
             continue
         tiles = scene.tiles_with(kind, size)
         rows, cols = sorted({r for r, _ in tiles}), sorted({c for _, c in tiles})
         questions.append(
-            _q(f"Which row of tiles (1 = top) contains the {plural}? Answer with the row number.",
-               _join_numbers(rows), "row", object=kind)
+            _q(
+                f"Which row of tiles (1 = top) contains the {plural}? Answer with the row number.",
+                _join_numbers(rows),
+                "row",
+                object=kind,
+            )
         )
         questions.append(
-            _q(f"Which column of tiles (1 = left) contains the {plural}? Answer with the column number.",
-               _join_numbers(cols), "column", object=kind)
+            _q(
+                f"Which column of tiles (1 = left) contains the {plural}? Answer with the column number.",
+                _join_numbers(cols),
+                "column",
+                object=kind,
+            )
         )
         if len(tiles) == 1:
             questions.append(
-                _q(f"In which tile are the {plural}? Answer as row R, column C.",
-                   f"row {tiles[0][0]}, column {tiles[0][1]}", "tile", object=kind)
+                _q(
+                    f"In which tile are the {plural}? Answer as row R, column C.",
+                    f"row {tiles[0][0]}, column {tiles[0][1]}",
+                    "tile",
+                    object=kind,
+                )
             )
     return questions
 

@@ -57,7 +57,9 @@ class TileGrid:
     def window(self, row: int, col: int) -> tuple[int, int, int, int]:
         """Source pixel window ``(x0, y0, x1, y1)`` (end-exclusive, clipped) of 1-based tile (row, col)."""
         if not (1 <= row <= self.rows and 1 <= col <= self.cols):
-            raise SyntheticDataError(f"tile (row {row}, column {col}) is outside the {self.rows}x{self.cols} grid")
+            raise SyntheticDataError(
+                f"tile (row {row}, column {col}) is outside the {self.rows}x{self.cols} grid"
+            )
         y0 = (row - 1) * self.tile_size - self.pad_top
         x0 = (col - 1) * self.tile_size - self.pad_left
         return (
@@ -166,7 +168,12 @@ class Scene:
             "width": self.width,
             "dtype": str(self.image.dtype),
             "tile_size": size,
-            "grid": {"rows": grid.rows, "cols": grid.cols, "pad_top": grid.pad_top, "pad_left": grid.pad_left},
+            "grid": {
+                "rows": grid.rows,
+                "cols": grid.cols,
+                "pad_top": grid.pad_top,
+                "pad_left": grid.pad_left,
+            },
             "counts": {kind: self.count(kind) for kind in OBJECT_KINDS},
             "objects": [
                 {**o.to_json(), "tile": list(o.tile(self.height, self.width, size))} for o in self.objects
@@ -269,7 +276,14 @@ def _object_shape(kind: str, rng: np.random.Generator, scale: float) -> dict[str
         hull = _hull_mask(length, width, angle, half)
         deck = _rotated_rect_mask(length * 0.4, width * 0.45, angle, half)
         layers = [(hull, (225, 225, 220)), (deck, (150, 150, 155))]
-        return {"mask": hull, "half": half, "length": length, "width": width, "angle": angle, "layers": layers}
+        return {
+            "mask": hull,
+            "half": half,
+            "length": length,
+            "width": width,
+            "angle": angle,
+            "layers": layers,
+        }
     if kind == "storage tank":
         radius = rng.uniform(9, 16) * scale
         half = int(math.ceil(radius)) + 4
@@ -277,7 +291,14 @@ def _object_shape(kind: str, rng: np.random.Generator, scale: float) -> dict[str
         rim = tank & ~_disc(radius * 0.75, half)
         layers = [(shadow, (45, 45, 45)), (tank, (208, 208, 204)), (rim, (170, 170, 168))]
         size = 2 * radius
-        return {"mask": tank | shadow, "half": half, "length": size, "width": size, "angle": 0.0, "layers": layers}
+        return {
+            "mask": tank | shadow,
+            "half": half,
+            "length": size,
+            "width": size,
+            "angle": 0.0,
+            "layers": layers,
+        }
     length, width = rng.uniform(18, 38) * scale, rng.uniform(14, 30) * scale
     angle = float(rng.choice([0.0, 90.0])) + rng.uniform(-8, 8)
     half = int(math.ceil(math.hypot(length, width) / 2)) + 4
@@ -286,10 +307,19 @@ def _object_shape(kind: str, rng: np.random.Generator, scale: float) -> dict[str
     roof_colours = ((170, 70, 55), (140, 140, 145), (95, 90, 85), (200, 190, 170))
     roof_colour = roof_colours[int(rng.integers(0, len(roof_colours)))]
     layers = [(shadow, (50, 50, 48)), (roof, roof_colour)]
-    return {"mask": roof | shadow, "half": half, "length": length, "width": width, "angle": angle, "layers": layers}
+    return {
+        "mask": roof | shadow,
+        "half": half,
+        "length": length,
+        "width": width,
+        "angle": angle,
+        "layers": layers,
+    }
 
 
-def _paint_object(colour: np.ndarray, shape: dict[str, Any], cx: int, cy: int, rng: np.random.Generator) -> None:
+def _paint_object(
+    colour: np.ndarray, shape: dict[str, Any], cx: int, cy: int, rng: np.random.Generator
+) -> None:
     half = shape["half"]
     patch = colour[cy - half : cy + half + 1, cx - half : cx + half + 1]
     brightness = rng.uniform(-15, 10)
@@ -347,7 +377,9 @@ def _place_in_tile(kind, tile, classes, colour, grid, rng, scale) -> SceneObject
             angle_deg=float(shape["angle"]),
             bbox=(cx - half, cy - half, cx + half + 1, cy + half + 1),
         )
-    raise SyntheticDataError(f"could not place a {kind} in tile (row {tile[0]}, column {tile[1]}): tile too crowded")
+    raise SyntheticDataError(
+        f"could not place a {kind} in tile (row {tile[0]}, column {tile[1]}): tile too crowded"
+    )
 
 
 def _touches_object(classes: np.ndarray, cx: int, cy: int, half: int) -> bool:
@@ -375,7 +407,9 @@ def _place_kind(kind, spec, classes, colour, grid, rng, scale) -> list[SceneObje
     return placed
 
 
-def _normalise_objects(objects: Mapping[str, Any] | None, rng: np.random.Generator) -> dict[str, dict[str, Any]]:
+def _normalise_objects(
+    objects: Mapping[str, Any] | None, rng: np.random.Generator
+) -> dict[str, dict[str, Any]]:
     if objects is None:  # each kind absent with p 0.3, else 1-5 objects
         return {k: {"count": int(rng.integers(1, 6)) if rng.random() > 0.3 else 0} for k in OBJECT_KINDS}
     result = {}
@@ -485,6 +519,9 @@ def write_geotiff(
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.moveaxis(scene.image, -1, 0))  # (H, W, 3) -> (3, H, W)
-        dst.colorinterp = [rasterio.enums.ColorInterp.red, rasterio.enums.ColorInterp.green,
-                           rasterio.enums.ColorInterp.blue]
+        dst.colorinterp = [
+            rasterio.enums.ColorInterp.red,
+            rasterio.enums.ColorInterp.green,
+            rasterio.enums.ColorInterp.blue,
+        ]
     return path

@@ -44,7 +44,9 @@ def test_same_seed_byte_identical_text_and_identical_arrays(built, tmp_path):
     first, _ = built
     build_synthetic_sets(tmp_path / "b", seed=5, **SMALL)
     second = tmp_path / "b"
-    text_files = sorted(p.relative_to(first) for p in first.rglob("*") if p.suffix in (".json", ".jsonl", ".csv"))
+    text_files = sorted(
+        p.relative_to(first) for p in first.rglob("*") if p.suffix in (".json", ".jsonl", ".csv")
+    )
     assert len(text_files) >= 10
     for rel in text_files:
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
@@ -104,11 +106,15 @@ def test_fitrsfg_items_mirror_rs_test_records(built):
     scenes = {s["id"]: s["ground_truth"] for s in read_jsonl(out / "rs_test_scenes.jsonl")}
     for record in records:
         if record["kind"] == "count":
-            assert record["conversations"][1]["value"] == str(scenes[record["scene"]]["counts"][record["object"]])
+            assert record["conversations"][1]["value"] == str(
+                scenes[record["scene"]]["counts"][record["object"]]
+            )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("domain_data.remote_sensing.datasets") is None,
-                    reason="domain_data.remote_sensing.datasets not available")
+@pytest.mark.skipif(
+    importlib.util.find_spec("domain_data.remote_sensing.datasets") is None,
+    reason="domain_data.remote_sensing.datasets not available",
+)
 def test_project_fitrs_loaders_read_the_sets(built):
     from domain_data.remote_sensing.datasets import load_fitrs_conversations, load_fitrsfg_bench
 
@@ -119,8 +125,30 @@ def test_project_fitrs_loaders_read_the_sets(built):
 
 
 def test_cli_entry_and_bad_options(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "cli"), "--seed", "1", "--n-ct-train", "0", "--n-ct-test", "1",
-                 "--n-rs-train", "0", "--n-rs-test", "1", "--ct-size", "48", "--ct-slices", "16", "16"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path / "cli"),
+                "--seed",
+                "1",
+                "--n-ct-train",
+                "0",
+                "--n-ct-test",
+                "1",
+                "--n-rs-train",
+                "0",
+                "--n-rs-test",
+                "1",
+                "--ct-size",
+                "48",
+                "--ct-slices",
+                "16",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["ct_test_studies"] == 1
     with pytest.raises(SyntheticDataError):
         build_synthetic_sets(tmp_path / "x", 0, 1, 1, 1, 1, colour="blue")

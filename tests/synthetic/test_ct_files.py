@@ -46,8 +46,9 @@ def test_dicom_tags_and_pixels(phantom, tmp_path):
 
 
 def test_shuffled_files_and_wrong_instance_numbers_sort_by_position(phantom, tmp_path):
-    series = write_dicom_series(phantom, tmp_path / "s", shuffle_files=True, wrong_instance_numbers=True,
-                                add_localizer=True, seed=4)
+    series = write_dicom_series(
+        phantom, tmp_path / "s", shuffle_files=True, wrong_instance_numbers=True, add_localizer=True, seed=4
+    )
     names = [p.name for p in series.paths]
     assert names != sorted(names)  # file name order is not slice order
     assert series.instance_numbers != sorted(series.instance_numbers)
@@ -99,7 +100,9 @@ def test_oblique_orientation_and_uneven_spacing(tmp_path):
     hu = np.zeros((5, 8, 8), dtype=np.float32)
     c, s = np.cos(0.3), np.sin(0.3)
     offsets = [0.0, 2.0, 4.0, 7.0, 9.0]
-    write_ct_series(hu, (2.0, 1.0, 1.0), tmp_path / "o", orientation=(c, s, 0, -s, c, 0), slice_offsets_mm=offsets)
+    write_ct_series(
+        hu, (2.0, 1.0, 1.0), tmp_path / "o", orientation=(c, s, 0, -s, c, 0), slice_offsets_mm=offsets
+    )
     _, read_offsets = read_series_hu(tmp_path / "o")
     assert np.allclose(read_offsets - read_offsets[0], offsets, atol=1e-4)
     with pytest.raises(SyntheticDataError):
@@ -134,8 +137,15 @@ def test_load_ct_reads_messy_dicom_series_like_the_nifti(phantom, tmp_path):
     from domain_data.medical.ct import load_ct
 
     patient = fake_patient(9)
-    write_dicom_series(phantom, tmp_path / "s", shuffle_files=True, wrong_instance_numbers=True,
-                       add_localizer=True, patient=patient, seed=2)
+    write_dicom_series(
+        phantom,
+        tmp_path / "s",
+        shuffle_files=True,
+        wrong_instance_numbers=True,
+        add_localizer=True,
+        patient=patient,
+        seed=2,
+    )
     volume = load_ct(tmp_path / "s")
     np.testing.assert_array_equal(volume.hu, expected_hu(phantom))
     assert volume.spacing_mm == pytest.approx(phantom.spacing, abs=1e-4)

@@ -81,8 +81,9 @@ def test_normal_phantom_has_no_findings(normal):
 
 @pytest.mark.parametrize("count,side", [(1, "left"), (3, "right"), (4, "both")])
 def test_lung_nodules_counted_in_volume(count, side):
-    phantom = make_ct_phantom(21 + count, findings={"Lung nodule": {"count": count, "side": side}},
-                              n_slices=SLICES, size=SIZE)
+    phantom = make_ct_phantom(
+        21 + count, findings={"Lung nodule": {"count": count, "side": side}}, n_slices=SLICES, size=SIZE
+    )
     truth = phantom.findings["Lung nodule"]
     dense = lung_field(phantom) & (phantom.hu > -400)
     components, n = ndimage.label(dense)
@@ -110,7 +111,9 @@ def test_pleural_effusion_layer_at_posterior_base():
 
 def cardiothoracic_ratio(phantom) -> float:
     """Heart = largest soft-tissue component inside the rib cage; ratio of widest transverse extents."""
-    cage = np.isin(phantom.labels, [LABELS[n] for n in (*LUNG_FIELD_LABELS, "heart", "mediastinal fat", "aorta")])
+    cage = np.isin(
+        phantom.labels, [LABELS[n] for n in (*LUNG_FIELD_LABELS, "heart", "mediastinal fat", "aorta")]
+    )
     soft = cage & (phantom.hu > 0) & (phantom.hu < 80)
     components, n = ndimage.label(soft)
     heart = components == (1 + int(np.argmax(ndimage.sum(soft, components, range(1, n + 1)))))
@@ -151,8 +154,12 @@ def test_consolidation_is_a_large_dense_region():
 def test_all_findings_together_match_their_labels():
     phantom = make_ct_phantom(61, findings=list(RENDERABLE_FINDINGS), n_slices=SLICES, size=SIZE)
     assert phantom.present_findings() == list(RENDERABLE_FINDINGS)
-    codes = {"Lung nodule": "nodule", "Pleural effusion": "pleural effusion", "Emphysema": "emphysema",
-             "Consolidation": "consolidation"}
+    codes = {
+        "Lung nodule": "nodule",
+        "Pleural effusion": "pleural effusion",
+        "Emphysema": "emphysema",
+        "Consolidation": "consolidation",
+    }
     for name, label in codes.items():
         mask = phantom.labels == LABELS[label]
         z = np.flatnonzero(mask.any(axis=(1, 2)))
@@ -169,8 +176,13 @@ def test_random_findings_follow_probability():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"findings": ["Lung opacity"]}, {"findings": "Cardiomegaly"}, {"n_slices": 5}, {"size": 8},
-     {"findings": {"Lung nodule": {"side": "middle"}}}],
+    [
+        {"findings": ["Lung opacity"]},
+        {"findings": "Cardiomegaly"},
+        {"n_slices": 5},
+        {"size": 8},
+        {"findings": {"Lung nodule": {"side": "middle"}}},
+    ],
 )
 def test_bad_requests_are_user_errors(kwargs):
     with pytest.raises(SyntheticDataError) as error:

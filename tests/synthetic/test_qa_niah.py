@@ -38,7 +38,9 @@ def test_ct_questions_match_ground_truth():
     assert by_kind(questions, "side", "finding", "Lung nodule")[0]["answer"] == "left"
     assert by_kind(questions, "side", "finding", "Pleural effusion")[0]["answer"] == "both"
     first, last = phantom.findings["Pleural effusion"].slices
-    assert by_kind(questions, "slices", "finding", "Pleural effusion")[0]["answer"] == f"{first + 1}-{last + 1}"
+    assert (
+        by_kind(questions, "slices", "finding", "Pleural effusion")[0]["answer"] == f"{first + 1}-{last + 1}"
+    )
     assert not by_kind(questions, "side", "finding", "Emphysema")  # absent: presence only
     assert ct_questions(phantom) == questions  # seeded paraphrases
 
@@ -69,7 +71,9 @@ def test_slice_range_mapping():
 
 
 def test_scene_questions_match_objects():
-    scene = make_scene(21, 672, 1008, objects={"ship": 2, "storage tank": 0, "building": {"count": 3, "tile": (1, 3)}})
+    scene = make_scene(
+        21, 672, 1008, objects={"ship": 2, "storage tank": 0, "building": {"count": 3, "tile": (1, 3)}}
+    )
     questions = scene_questions(scene)
     assert by_kind(questions, "count", "object", "ship")[0]["answer"] == "2"
     assert by_kind(questions, "presence", "object", "storage tank")[0]["answer"] == "No"
@@ -77,7 +81,7 @@ def test_scene_questions_match_objects():
     assert by_kind(questions, "tile", "object", "building")[0]["answer"] == "row 1, column 3"
     assert by_kind(questions, "row", "object", "building")[0]["answer"] == "1"
     assert by_kind(questions, "column", "object", "building")[0]["answer"] == "3"
-    (row, col), = scene.tiles_with("ship")
+    ((row, col),) = scene.tiles_with("ship")
     assert by_kind(questions, "tile", "object", "ship")[0]["answer"] == f"row {row}, column {col}"
 
 
@@ -89,7 +93,10 @@ def test_spread_objects_list_rows():
 
 
 def test_llava_record_has_one_image_placeholder():
-    qa = [{"question": "Q1?", "answer": "Yes", "kind": "presence"}, {"question": "Q2?", "answer": "3", "kind": "count"}]
+    qa = [
+        {"question": "Q1?", "answer": "Yes", "kind": "presence"},
+        {"question": "Q2?", "answer": "3", "kind": "count"},
+    ]
     record = llava_record("r", "a.tif", "grid", qa)
     text = "".join(turn["value"] for turn in record["conversations"])
     assert text.count("<image>") == 1 and record["conversations"][0]["value"].startswith("<image>\n")

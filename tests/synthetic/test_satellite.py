@@ -24,7 +24,9 @@ HAS_TILER = importlib.util.find_spec("domain_data.remote_sensing.tiling") is not
 
 @pytest.fixture(scope="module")
 def scene():
-    return make_scene(5, 700, 1100, objects={"ship": 3, "storage tank": 4, "building": {"count": 5, "spread": True}})
+    return make_scene(
+        5, 700, 1100, objects={"ship": 3, "storage tank": 4, "building": {"count": 5, "spread": True}}
+    )
 
 
 def test_tile_rule_centred_padding():
@@ -108,7 +110,11 @@ def test_geotiff_crs_transform_and_pixels(tmp_path, dtype, crs):
     with rasterio.open(path) as src:
         assert src.crs.to_epsg() == int(crs.split(":")[1])
         assert (src.count, src.height, src.width, src.dtypes[0]) == (3, 300, 420, dtype)
-        expected = from_origin(14.0, 42.0, 5e-6, 5e-6) if crs == "EPSG:4326" else from_origin(500000, 4650000, 0.5, 0.5)
+        expected = (
+            from_origin(14.0, 42.0, 5e-6, 5e-6)
+            if crs == "EPSG:4326"
+            else from_origin(500000, 4650000, 0.5, 0.5)
+        )
         assert src.transform.almost_equals(expected)
         assert src.profile["tiled"] and src.block_shapes[0] == (256, 256)
         np.testing.assert_array_equal(np.moveaxis(src.read(), 0, -1), scene.image)

@@ -173,12 +173,14 @@ class Raster:
     """An open raster, read as 8-bit RGB window by window. Use as a context manager or call close().
 
     The file handle is reopened on demand after :meth:`close`, so a :class:`Raster` kept by an app
-    or a tiler stays usable.
+    or a tiler stays usable. Like the rasterio dataset under it, one object is for one thread at a time.
     """
 
     def __init__(self, path: str | os.PathLike, bands: tuple[int, int, int] | None = None,
                  stretch: StretchMode = "auto") -> None:
         self.path = Path(path)
+        if stretch not in ("auto", "percentile"):
+            raise RasterInputError(f"stretch must be 'auto' or 'percentile', got {stretch!r}")
         _check_path(self.path)
         self._dataset: rasterio.io.DatasetReader | None = _open_dataset(self.path)
         try:

@@ -3,7 +3,8 @@
 Geometry (all integers; ``T`` = tile size, ``s`` = scale, the level chosen):
 
 * the raster at scale ``s`` is ``ceil(W / s) x ceil(H / s)`` "level pixels"; each level pixel is
-  the average of ``s x s`` source pixels (``s = 1``: full resolution);
+  the average of ``s x s`` source pixels (``s = 1``: full resolution; GDAL reads from a file's
+  overviews when it has matching ones, as COGs do);
 * the grid is ``rows = ceil(level_h / T)`` by ``cols = ceil(level_w / T)``; ``s`` is the smallest
   integer for which ``rows * cols <= max_tiles``;
 * the level image is centred on the ``cols*T x rows*T`` canvas: ``left = (cols*T - level_w) // 2``

@@ -247,3 +247,18 @@ def test_raster_reopens_after_close(tmp_path, rs):
     tiled.close()
     assert np.asarray(tiled.tiles[0]).shape == (336, 336, 3)
     tiled.close()
+
+
+def test_raster_with_overviews_tiles_like_one_without(tmp_path, rs):
+    from rasterio.enums import Resampling
+
+    data = rs.seeded_image((3, 400, 600), "uint8", seed=9)
+    plain = rs.write_raster(tmp_path / "plain.tif", data, rs.UTM_33N, rs.UTM_TRANSFORM, tiled=True)
+    with_overviews = rs.write_raster(tmp_path / "cog.tif", data, rs.UTM_33N, rs.UTM_TRANSFORM, tiled=True)
+    with rasterio.open(with_overviews, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.average)
+    with tile_image(plain, tile_size=100, max_tiles=6) as a, tile_image(with_overviews, tile_size=100,
+                                                                        max_tiles=6) as b:
+        assert a.scale == b.scale == 2 and a.grid == b.grid == (2, 3)
+        for tile_a, tile_b in zip(a.tiles, b.tiles):
+            assert np.abs(np.asarray(tile_a, dtype=int) - np.asarray(tile_b, dtype=int)).max() <= 1

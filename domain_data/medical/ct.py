@@ -159,8 +159,11 @@ def _load_dicom_files(files: list[Path], series_uid: str | None, source_kind: st
     choice.skipped_files = len(files) - len(headers)
     volume_kji = dicom.read_pixels(choice, source, redactor, max_voxels)  # (k, j, i) = (slice, row, column)
     affine_ras = LPS_TO_RAS @ dicom.series_affine_lps(choice)
-    hu, affine, spacing, offsets, original = _canonicalize(volume_kji.transpose(2, 1, 0), affine_ras,
-                                                           choice.offsets_mm)
+    try:
+        hu, affine, spacing, offsets, original = _canonicalize(volume_kji.transpose(2, 1, 0), affine_ras,
+                                                               choice.offsets_mm)
+    except CTInputError as error:
+        raise redactor.error(f"{source}: {error}") from None
     first = choice.headers[0]
     metadata = {
         "source_kind": source_kind,
@@ -206,7 +209,10 @@ def _load_nifti(path: Path, ct_rate_metadata: dict | None, rescale: str, max_vox
                                                         rescale, path)
         metadata.update(source_kind="ct_rate_nifti", modality="CT", ct_rate=ct_rate_info)
     _check_finite(data, path)
-    hu, affine, spacing, offsets, original = _canonicalize(data, affine, None)
+    try:
+        hu, affine, spacing, offsets, original = _canonicalize(data, affine, None)
+    except CTInputError as error:
+        raise CTInputError(f"{path}: {error}") from None
     metadata.update(
         series_description="",
         slice_count=int(hu.shape[0]),
@@ -237,7 +243,7 @@ def _open_nifti(path: Path) -> nib.Nifti1Image:
 def _read_nifti_data(image: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         data = np.asarray(image.dataobj, dtype=np.float32)
-    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as error:
+    except (EOFError, OSError, ValueError, TypeError, zlib.error, gzip.BadGzipFile) as error:
         raise CTInputError(f"{path}: the voxel data is truncated or corrupt ({type(error).__name__}); "
                            "upload the complete file again") from None
     return data
@@ -321,6 +327,11 @@ def _with_spacing(affine: np.ndarray, spacing_ijk: tuple[float, float, float]) -
 def _canonicalize(data_ijk: np.ndarray, affine_ras: np.ndarray, offsets_k: np.ndarray | None,
                   ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], np.ndarray, str]:
     """Permute/flip voxel axes (i, j, k) to (L, P, S); returns hu (z, y, x), affine, spacing, z offsets."""
+    linear = affine_ras[:3, :3]
+    if not np.all(np.isfinite(affine_ras)) or abs(np.linalg.det(linear)) < 1e-9:
+        raise CTInputError(f"degenerate voxel-to-world affine (zero or non-finite voxel size / directions: "
+                           f"voxel sizes {np.round(np.linalg.norm(linear, axis=0), 4).tolist()} mm); fix the "
+                           "header's spacing and orientation")
     start = nib.orientations.io_orientation(affine_ras)
     original = "".join(nib.orientations.ornt2axcodes(start))
     transform = nib.orientations.ornt_transform(start, nib.orientations.axcodes2ornt(CANONICAL_AXCODES))

@@ -178,6 +178,10 @@ NEGATION_CUES = (
 )
 _NEGATION_RE = re.compile(r"\b(" + "|".join(re.escape(c) for c in sorted(NEGATION_CUES, key=len, reverse=True))
                           + r")\b")
+# Negation that follows the mention inside its clause: "pleural effusion was not detected".
+_POST_NEGATION_RE = re.compile(
+    r"\b(?:is|are|was|were)\s+(?:not|absent)\b|\bnot\s+(?:seen|observed|detected|identified|present|evident|"
+    r"noted|found|visualized|visualised)\b|\b(?:is|are|was|were)\s+(?:excluded|ruled out)\b")
 _CLAUSE_SPLIT = re.compile(r"[.;\n]|\bbut\b|\bhowever\b|\balthough\b")
 _YES_RE = re.compile(r"^\W*(yes|present|positive|true)\b", re.IGNORECASE)
 _NO_RE = re.compile(r"^\W*(no|absent|negative|false|none)\b", re.IGNORECASE)
@@ -201,9 +205,12 @@ def parse_findings(text: str) -> dict[str, int]:
     2. otherwise the text is cut into clauses (``.``, ``;``, newline, "but", "however", "although");
        a clause mentioning one of the abnormality's terms (:data:`FINDING_TERMS`) counts as positive
        unless a negation cue (:data:`NEGATION_CUES`) occurs *before* the mention in that clause
-       ("no pleural effusion", "without consolidation", "there is no evidence of emphysema");
+       ("no pleural effusion", "without consolidation", "there is no evidence of emphysema") or a
+       negated verb follows it ("pleural effusion was not detected", "nodules are not seen");
     3. the abnormality is 1 when at least one mention is positive, else 0.
 
+    Commas do not split clauses, so a negation distributes over a list ("no effusion, consolidation
+    or emphysema"); the price is that "no effusion, cardiomegaly" also negates cardiomegaly.
     Mentions of a more specific term are not double counted: "coronary artery calcification" does not
     count as "arterial wall calcification", and "pleural effusion" is not "pericardial effusion".
     """
@@ -236,7 +243,9 @@ def _positive_mention(clause: str, terms: tuple[str, ...], name: str) -> bool:
         for match in re.finditer(rf"\b{re.escape(term)}", clause):
             if _shadowed(clause, match.start(), name):
                 continue
-            if not _NEGATION_RE.search(clause[: match.start()]):
+            negated_before = _NEGATION_RE.search(clause[: match.start()])
+            negated_after = _POST_NEGATION_RE.search(clause[match.end() :])
+            if not negated_before and not negated_after:
                 return True
     return False
 

@@ -235,6 +235,20 @@ def symlink_outside_upload(upload: Path) -> Path:
     return folder
 
 
+def degenerate_affine(upload: Path) -> Path:
+    path = write_nifti(upload / "flat.nii", phantom_hu(4, 8, 8))
+    data = bytearray(path.read_bytes())
+    data[252:256] = np.array([0, 1], dtype="<i2").tobytes()  # qform_code 0, sform_code 1
+    data[296:312] = np.zeros(4, dtype="<f4").tobytes()  # srow_y = 0: the y axis has no size
+    path.write_bytes(bytes(data))
+    return path
+
+
+def zero_pixel_spacing(upload: Path) -> Path:
+    _series(upload / "zero", spacing_mm=(2.0, 0.0, 0.0))
+    return upload / "zero"
+
+
 def four_d_nifti(upload: Path) -> Path:
     from nibabel.testing import data_path
 
@@ -282,6 +296,8 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty folder": (empty_folder, "no files found"),
     "symlink outside upload": (symlink_outside_upload, "symbolic link pointing outside"),
     "4D NIfTI": (four_d_nifti, "one 3D volume"),
+    "degenerate NIfTI affine": (degenerate_affine, "degenerate voxel-to-world affine"),
+    "zero pixel spacing": (zero_pixel_spacing, "degenerate voxel-to-world affine"),
     "missing geometry": (missing_geometry, "lacks ImagePositionPatient"),
     "missing path": (missing_path, "no such file"),
 }

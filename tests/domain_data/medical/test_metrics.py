@@ -111,6 +111,8 @@ def test_parse_findings_but_clause_and_explicit_answers() -> None:
     explicit = parse_findings("Cardiomegaly: yes\nLung nodule: no\nEmphysema - present")
     assert explicit["Cardiomegaly"] == 1 and explicit["Lung nodule"] == 0 and explicit["Emphysema"] == 1
     assert parse_findings("Mediastinal lymph nodes are not enlarged.")["Lung nodule"] == 0
+    after = parse_findings("Pleural effusion was not detected. Emphysema is not seen. Atelectasis is seen.")
+    assert (after["Pleural effusion"], after["Emphysema"], after["Atelectasis"]) == (0, 0, 1)
     assert parse_yes_no("Yes, there is.") == 1 and parse_yes_no("No.") == 0 and parse_yes_no("maybe") is None
 
 

@@ -52,7 +52,8 @@ from longllava.protocol import IMAGE_TOKEN, IMG_START
 IGNORE_INDEX = -100
 LAYOUTS = ("images", "series", "grid")
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+CT_SUFFIXES = (".nii", ".nii.gz", ".zip", ".dcm")
+RENDER_KEYS = ("num_slices", "spacing_mm", "window", "size", "tile_size", "max_tiles")
 
 
 class DataError(FinetuneError):
@@ -133,6 +134,10 @@ def _as_path_list(value: Any, where: str, root: Path) -> tuple[Path, ...]:
     return tuple((root / item) if not Path(item).is_absolute() else Path(item) for item in items)
 
 
+def _is_ct_source(path: Path) -> bool:
+    return path.is_dir() or path.name.lower().endswith(CT_SUFFIXES)
+
+
 def parse_record(raw: dict, where: str, root: Path) -> TrainingRecord:
     """Validate one raw object; relative paths are resolved against ``root``."""
     if not isinstance(raw, dict):
@@ -163,7 +168,12 @@ def parse_record(raw: dict, where: str, root: Path) -> TrainingRecord:
     render = raw.get("render", {})
     if not isinstance(render, dict):
         raise DataError(f"{where}: 'render' must be an object of options, got {render!r}")
+    render = {**{k: raw[k] for k in RENDER_KEYS if k in raw}, **render}
     record_id = str(raw.get("id", where))
+    if len(images) == 1 and layout == "series" and _is_ct_source(images[0]):
+        ct, images = images[0], ()  # LLaVA-style record whose one "image" is a CT study
+    if len(images) == 1 and layout == "grid" and grid is None:
+        raster, images = images[0], ()  # one large image to tile
     if ct is not None:
         layout = "series"
     if raster is not None:
@@ -230,25 +240,21 @@ def _read_cache(folder: Path) -> Visuals | None:
 
 
 def _render_ct(record: TrainingRecord) -> tuple[list, str]:
-    from domain_data.medical import ct_to_slices, load_ct
+    from domain_data.medical.ct import load_ct
+    from domain_data.medical.slices import ct_to_slices
 
     options = {k: v for k, v in record.render.items() if k in ("num_slices", "spacing_mm", "window", "size")}
-    result = ct_to_slices(load_ct(record.ct), **options)
+    volume = load_ct(record.ct, ct_rate_metadata=record.render.get("ct_rate_metadata"))
+    result = ct_to_slices(volume, **options)
     return list(result.images), result.prompt
 
 
 def _render_raster(record: TrainingRecord) -> tuple[list, str]:
-    from domain_data.remote_sensing import open_raster, tile_image
+    from domain_data.remote_sensing.tiling import tile_image
 
     options = {k: v for k, v in record.render.items() if k in ("tile_size", "max_tiles")}
-    raster = open_raster(record.raster)
-    try:
-        tiled = tile_image(raster, **options)
-    finally:
-        close = getattr(raster, "close", None)
-        if close is not None:
-            close()
-    return [tiled.thumbnail, *tiled.tiles], tiled.prompt
+    with tile_image(record.raster, **options) as tiled:
+        return list(tiled.images()), tiled.prompt
 
 
 def record_visuals(record: TrainingRecord, cache_dir: str | Path | None = None) -> Visuals:
@@ -284,10 +290,12 @@ def record_visuals(record: TrainingRecord, cache_dir: str | Path | None = None) 
 # Conversation -> messages with the visual prompt in place
 
 
-def to_messages(record: TrainingRecord, visuals: Visuals) -> list[dict]:
-    """Chat messages ``[{role, content}]`` with the protocol's image markup in the human turns."""
+def to_messages(record: TrainingRecord, visuals: Visuals, require_answer: bool = True) -> list[dict]:
+    """Chat messages ``[{role, content}]`` with the protocol's image markup in the human turns.
+
+    ``require_answer=False`` accepts question-only records (evaluation prompts)."""
     messages = [{"role": ROLE_OF[turn["from"]], "content": turn["value"]} for turn in record.conversations]
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_answer and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{record.where}: no assistant ('gpt') turn: nothing to train on")
     n_images = len(visuals.paths)
     placed = sum(protocol.count_images(m["content"]) for m in messages if m["role"] == "user")

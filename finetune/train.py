@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -179,30 +180,37 @@ def deepspeed_config(spec: str | None) -> dict | None:
 # Model set-up
 
 
-def resolve_base_model(recipe: Recipe, output_dir: Path) -> str:
-    """The base model folder; ``preset:NAME`` is written once (seeded) to ``OUTPUT/base``."""
+def resolve_base_model(recipe: Recipe, output_dir: Path, wait_s: float = 600.0) -> str:
+    """The base model folder; ``preset:NAME`` is written once (seeded) to ``OUTPUT/base``.
+
+    Called before the distributed set-up (ZeRO-3 must not be active while a random model is built):
+    rank 0 writes to a temporary folder and renames it; other ranks wait for the folder to appear
+    (multi-node runs need ``output_dir`` on a shared file system, or a real ``base_model`` path).
+    """
     spec = recipe.base_model
-    if spec.startswith("preset:"):
+    if not spec.startswith("preset:"):
+        return spec
+    base_dir = output_dir / "base"
+    if (base_dir / "config.json").is_file():
+        return str(base_dir)
+    if _is_main_process():
         from longllava.loading import save_random_model
 
-        base_dir = output_dir / "base"
-        if not (base_dir / "config.json").is_file():
-            if _is_main_process():
-                save_random_model(spec.split(":", 1)[1], base_dir, seed=recipe.seed)
-            _barrier()
+        tmp = output_dir / f"base.tmp-{os.getpid()}"
+        save_random_model(spec.split(":", 1)[1], tmp, seed=recipe.seed)
+        tmp.replace(base_dir)
         return str(base_dir)
-    return spec
+    deadline = time.monotonic() + wait_s
+    while not (base_dir / "config.json").is_file():
+        if time.monotonic() > deadline:
+            raise FinetuneError(f"rank {os.environ.get('RANK')}: {base_dir} did not appear within {wait_s:.0f} s; "
+                                "is output_dir on a file system shared by all nodes?")
+        time.sleep(0.5)
+    return str(base_dir)
 
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def set_stage_trainable(model: Any, stage: str) -> None:
@@ -449,9 +457,13 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
             f"{output_dir} already holds {checkpoint.name}; pass --resume to continue, or choose another output_dir"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
+    base_path = resolve_base_model(recipe, output_dir)
     args = training_arguments(recipe, output_dir)  # before loading: ZeRO-3 partitions at load time
     torch.manual_seed(recipe.seed)
-    base_path = resolve_base_model(recipe, output_dir)
+    if args.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()  # so zero.Init at load time sees the real world size (CPU ranks too)
     model, processor = load_model(base_path)
     if args.deepspeed and (args.hf_deepspeed_config.is_zero3() if args.hf_deepspeed_config else False):
         register_moe_leaf_modules(model)

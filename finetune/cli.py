@@ -1,0 +1,105 @@
+"""``longllava finetune``, ``longllava merge-lora`` and ``longllava evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+
+EVAL_TASKS = ("ct-rate", "fit-rsfg", "closed-vqa", "niah")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_finetune(subparsers)
+    _register_merge(subparsers)
+    _register_evaluate(subparsers)
+
+
+def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="train a LongLLaVA model with a recipe (LoRA or full; stages align/sft/multi)",
+        description="Train with a recipe from finetune/recipes (pubmedvision_lora, pubmedvision_full, "
+        "skysense_lora, ct_rate_lora, demo) or a YAML path; override any recipe key with key=value. "
+        "Writes checkpoints, loss.csv and loss.png to output_dir. Under `deepspeed`, `torchrun` or "
+        "`accelerate launch` each process runs this command (see README, multi-node).",
+    )
+    parser.add_argument("recipe", help="recipe name or path to a .yaml recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. max_steps=10")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run_finetune)
+
+
+def _register_merge(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge-lora",
+        help="merge a LoRA adapter into its base model and save a plain model folder",
+        description="Load the base model recorded in ADAPTER/adapter_config.json (or --base), apply the "
+        "adapter, fold it into the weights and save model + processor to --out.",
+    )
+    parser.add_argument("adapter", help="the adapter folder of a LoRA run (OUTPUT/adapter)")
+    parser.add_argument("--out", required=True, help="folder for the merged model")
+    parser.add_argument("--base", default=None, help="base model folder (default: from the adapter config)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=run_merge)
+
+
+def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score a model on CT-RATE, FIT-RSFG, closed VQA or needle-in-a-haystack",
+        description="Run the model over a dataset (batched; resumable: predictions.jsonl is appended and "
+        "finished items are skipped on a rerun), then write metrics.json, report.md and a chart PNG to --out.",
+    )
+    parser.add_argument("task", choices=EVAL_TASKS)
+    parser.add_argument("--model", required=True, help="model folder, LoRA adapter folder, or 'demo'")
+    parser.add_argument("--data", required=True, help="dataset file or folder for the task")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    parser.add_argument("--split", default=None, help="dataset split where the task has several")
+    parser.add_argument("--json", action="store_true", help="print metrics as JSON")
+    parser.set_defaults(func=run_evaluate)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from finetune.train import load_recipe, run_training
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = run_training(recipe, resume=args.resume)
+    if args.json:
+        from longllava.cli import print_json
+
+        print_json(summary)
+    else:
+        print(f"trained {recipe.name} ({recipe.mode}, {recipe.stage}) for {summary['global_step']} steps; "
+              f"loss {summary['first_loss']} -> {summary['last_loss']}; saved to {summary['saved_to']}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from finetune.merge import merge_lora
+
+    out = merge_lora(args.adapter, args.out, base=args.base)
+    if args.json:
+        from longllava.cli import print_json
+
+        print_json({"merged_to": str(out)})
+    else:
+        print(f"merged {args.adapter} into {out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from finetune.evaluate import evaluate
+
+    result = evaluate(args.task, args.model, args.data, args.out, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, limit=args.limit, split=args.split)
+    if args.json:
+        from longllava.cli import print_json
+
+        print_json(result.metrics)
+    else:
+        print(result.summary_line())
+    return 0

@@ -57,6 +57,8 @@ _ANGLE_BOX = re.compile(rf"^\s*<\s*({_FLOAT})\s*>\s*<\s*({_FLOAT})\s*>\s*<\s*({_
                         rf"\s*\|\s*<\s*({_FLOAT})\s*>\s*$")
 _POINT = re.compile(rf"<\s*({_FLOAT})\s*,\s*({_FLOAT})\s*>")
 TILE_EDGE_POINTS = 8
+# Rows and columns in user-facing text (prompts, answers, labels, GeoJSON properties) count from 1.
+TILE_INDEX_BASE = 1
 
 
 def _number(text: str) -> int:
@@ -98,8 +100,9 @@ def find_tile_references(answer: str, grid: tuple[int, int]) -> tuple[list[TileR
 
     def accept(match: re.Match, row: int, col: int) -> None:
         taken.append(match.span())
-        if 1 <= row <= rows and 1 <= col <= cols:
-            found.append(TileReference(row - 1, col - 1, match.start(), match.end(), match.group(0)))
+        row, col = row - TILE_INDEX_BASE, col - TILE_INDEX_BASE
+        if 0 <= row < rows and 0 <= col < cols:
+            found.append(TileReference(row, col, match.start(), match.end(), match.group(0)))
         else:
             unresolved.append(f"{match.group(0)!r} is outside the {rows} x {cols} grid")
 
@@ -220,7 +223,8 @@ def answer_to_geojson(answer: str, tiled: TiledImage) -> dict:
     for ref in refs:
         info = tiled.tile_at(ref.row, ref.col)
         ring = _pixels_to_output(tiled, _densify(tile_pixel_corners(info), TILE_EDGE_POINTS))
-        features.append(_feature(ring, {"kind": "tile", "tile_row": ref.row + 1, "tile_col": ref.col + 1,
+        features.append(_feature(ring, {"kind": "tile", "tile_row": ref.row + TILE_INDEX_BASE,
+                                        "tile_col": ref.col + TILE_INDEX_BASE,
                                         "reference": ref.text, "pixel_window": info.pixel_window(), **common}))
     size = tiled.tile_size
     for box in boxes:
@@ -229,7 +233,8 @@ def answer_to_geojson(answer: str, tiled: TiledImage) -> dict:
         if owner is not None:
             info = tiled.tile_at(owner.row, owner.col)
             pixels = [info.tile_to_source(u, v) for u, v in tile_units]
-            where = {"relative_to": "tile", "tile_row": owner.row + 1, "tile_col": owner.col + 1,
+            where = {"relative_to": "tile", "tile_row": owner.row + TILE_INDEX_BASE,
+                     "tile_col": owner.col + TILE_INDEX_BASE,
                      "pixel_window": info.pixel_window()}
         else:
             pixels = [tiled.thumbnail_to_source(u, v) for u, v in tile_units]

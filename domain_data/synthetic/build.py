@@ -78,14 +78,16 @@ class BuildConfig:
     n_rs_test: int = 20
     ct_size: int = 128
     ct_slices: tuple[int, int] = (100, 160)
+    ct_finding_probability: float = 0.5
+    ct_finding_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     dicom_every: int = 4
     rs_sizes: tuple[tuple[int, int], ...] = ((672, 1008), (1008, 1008), (1008, 1344))
     tile_size: int = 336
     rs_dtype: str = "uint8"
+    rs_object_scale: float = 1.0
     n_niah: int = 0
     niah_images: int = 100
     niah_size: int = 112
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def item_seed(seed: int, domain: str, split: str, index: int) -> int:
@@ -110,7 +112,13 @@ def _ct_split(out_dir: Path, split: str, n: int, cfg: BuildConfig) -> dict[str, 
         study_seed = item_seed(cfg.seed, "ct", split, i)
         slices_rng = np.random.default_rng(study_seed)
         n_slices = int(slices_rng.integers(cfg.ct_slices[0], cfg.ct_slices[1] + 1))
-        phantom = make_ct_phantom(study_seed, n_slices=n_slices, size=cfg.ct_size)
+        phantom = make_ct_phantom(
+            study_seed,
+            n_slices=n_slices,
+            size=cfg.ct_size,
+            finding_probability=cfg.ct_finding_probability,
+            finding_params=cfg.ct_finding_params,
+        )
         name = f"ct_{split}_{i:04d}"
         as_dicom = cfg.dicom_every > 0 and i % cfg.dicom_every == cfg.dicom_every - 1
         if as_dicom:
@@ -155,7 +163,14 @@ def _rs_split(out_dir: Path, split: str, n: int, cfg: BuildConfig) -> dict[str, 
         scene_seed = item_seed(cfg.seed, "rs", split, i)
         size_rng = np.random.default_rng([scene_seed, 1])
         height, width = cfg.rs_sizes[int(size_rng.integers(len(cfg.rs_sizes)))]
-        scene = make_scene(scene_seed, height, width, dtype=cfg.rs_dtype, tile_size=cfg.tile_size)
+        scene = make_scene(
+            scene_seed,
+            height,
+            width,
+            dtype=cfg.rs_dtype,
+            tile_size=cfg.tile_size,
+            object_scale=cfg.rs_object_scale,
+        )
         name = f"rs_{split}_{i:04d}"
         rel = f"rs/{split}/{name}.tif"
         write_geotiff(scene, out_dir / rel)
@@ -240,7 +255,8 @@ def build_synthetic_sets(
     """Write all sets into ``out_dir`` (see the module doc) and return the manifest.
 
     ``options`` are the other :class:`BuildConfig` fields (``ct_size``, ``ct_slices``, ``dicom_every``,
-    ``rs_sizes``, ``tile_size``, ``rs_dtype``, ``n_niah``, ``niah_images``, ``niah_size``).
+    ``ct_finding_probability``, ``ct_finding_params`` (see :func:`make_ct_phantom`), ``rs_sizes``,
+    ``tile_size``, ``rs_dtype``, ``rs_object_scale``, ``n_niah``, ``niah_images``, ``niah_size``).
     """
     unknown = set(options) - set(BuildConfig.__dataclass_fields__)
     if unknown:

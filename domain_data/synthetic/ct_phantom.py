@@ -199,14 +199,23 @@ def _body_radius(grid: _Grid) -> np.ndarray:
     return np.sqrt((grid.u / BODY_RU) ** 2 + ((grid.v - BODY_CENTRE_V) / BODY_RV) ** 2)
 
 
+def _diaphragm(grid: _Grid) -> np.ndarray:
+    """Height ``t`` (1, Y, X) of the diaphragm: a dome under each lung, lowest at the lung's rim
+    (the costophrenic recesses), highest under its centre. Below it: liver, spleen (soft tissue)."""
+    dome = np.zeros((1, grid.v.shape[1], grid.u.shape[2]), dtype=np.float32)
+    for sign in (-1.0, 1.0):
+        ellipse = ((grid.u - sign * LUNG_CU) / LUNG_RU) ** 2 + ((grid.v - LUNG_CV) / LUNG_RV) ** 2  # (1,Y,X)
+        dome = np.maximum(dome, np.clip(1 - ellipse, 0, 1))
+    return LUNG_BASE_T + 0.1 * dome
+
+
 def _lung_masks(grid: _Grid, cavity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(right, left) lung masks (Z, Y, X) before the heart and mediastinum are carved out."""
     scale = np.sqrt(np.clip((LUNG_APEX_T - grid.t) / 0.25, 0.0, 1.0))  # (Z,1,1): tapering apex
     masks = []
     for sign in (-1.0, 1.0):  # patient right (image left, u < 0), then patient left
         ellipse = ((grid.u - sign * LUNG_CU) / LUNG_RU) ** 2 + ((grid.v - LUNG_CV) / LUNG_RV) ** 2  # (1,Y,X)
-        dome = LUNG_BASE_T + 0.08 * np.clip(1 - ((grid.u - sign * LUNG_CU) / LUNG_RU) ** 2, 0, 1)  # (1,1,X)
-        inside = (ellipse <= scale**2) & (grid.t > dome) & cavity
+        inside = (ellipse <= scale**2) & (grid.t > _diaphragm(grid)) & cavity
         inside &= (grid.u * sign) > 0.07  # a midline strip for the mediastinum
         masks.append(inside)
     return masks[0], masks[1]
@@ -234,7 +243,7 @@ def _anatomy_labels(grid: _Grid, enlarged_heart: bool, rib_phase_mm: float) -> n
     labels[body] = LABELS["fat"]
     labels[np.broadcast_to(rb <= 0.92, labels.shape)] = LABELS["muscle"]
     cavity = rb <= 0.78
-    thorax = grid.t > LUNG_BASE_T + 0.04  # (Z,1,1)
+    thorax = grid.t > _diaphragm(grid)  # (Z,Y,X)
     interior = np.broadcast_to(rb <= 0.84, labels.shape)
     labels[interior] = LABELS["soft tissue"]
     labels[(rb <= 0.84) & thorax] = LABELS["mediastinal fat"]
@@ -323,14 +332,15 @@ def _random_lung_point(labels: np.ndarray, grid: _Grid, side: str, rng: np.rando
 
 
 def _render_nodules(labels, grid, params, rng) -> Finding:
-    count = int(params.get("count", rng.integers(1, 5)))
+    low, high = params.get("count_range", (1, 4))
+    count = int(params.get("count", rng.integers(low, high + 1)))
     if not 1 <= count <= 8:
         raise SyntheticDataError(f"Lung nodule count must be 1-8, got {count}")
     sides = _sides_for(params.get("side"), rng)
     nodules, mask_all = [], np.zeros(labels.shape, dtype=bool)
     for i in range(count):
         side = sides[i % len(sides)]
-        radius = float(params.get("radius_mm", rng.uniform(3.5, 7.0)))
+        radius = float(params.get("radius_mm", rng.uniform(*params.get("radius_range_mm", (3.5, 7.0)))))
         for _ in range(100):
             centre = _random_lung_point(labels, grid, side, rng, t_range=(0.25, 0.9))
             if centre is None:
@@ -492,14 +502,18 @@ def make_ct_phantom(
     n_slices: int | None = None,
     size: int = 256,
     finding_probability: float = 0.5,
+    finding_params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Phantom:
     """A seeded chest-CT phantom.
 
     ``findings``: ``None`` draws each renderable finding with ``finding_probability``; a list of names
     renders those with seeded parameters; a mapping ``{name: params}`` fixes parameters
-    (``Lung nodule``: ``count``, ``side``, ``radius_mm``; ``Pleural effusion``: ``side``, ``height``,
+    (``Lung nodule``: ``count`` or ``count_range`` (1, 4), ``side``, ``radius_mm`` or ``radius_range_mm``
+    (3.5, 7.0); ``Pleural effusion``: ``side``, ``height``,
     ``depth``; ``Emphysema``: ``side``, ``patches``; ``Consolidation``: ``side``; sides are
-    ``left``/``right``/``both``). ``n_slices`` defaults to a seeded draw in 100-300.
+    ``left``/``right``/``both``). ``finding_params`` gives default parameters per finding, used for
+    drawn and listed findings alike (e.g. larger nodules for a small demo model). ``n_slices`` defaults
+    to a seeded draw in 100-300.
     """
     rng = np.random.default_rng(seed)
     if n_slices is None:
@@ -509,6 +523,8 @@ def make_ct_phantom(
     if not 32 <= size <= 1024:
         raise SyntheticDataError(f"size must be 32-1024 pixels, got {size}")
     wanted = _normalise_findings(findings, rng, finding_probability)
+    defaults = _normalise_findings(dict(finding_params or {}), rng, finding_probability)
+    wanted = {name: {**defaults.get(name, {}), **params} for name, params in wanted.items()}
     spacing = (round(FOV_Z_MM / n_slices, 4), round(FOV_XY_MM / size, 4), round(FOV_XY_MM / size, 4))
     grid = _make_grid(n_slices, size, spacing)
     labels = _anatomy_labels(

@@ -168,6 +168,20 @@ def test_all_findings_together_match_their_labels():
     assert phantom.label_vector() == [1, 1, 1, 1, 1]
 
 
+def test_finding_params_apply_to_drawn_findings():
+    params = {"Lung nodule": {"radius_range_mm": (9.0, 10.0), "count_range": (2, 2)}}
+    for seed in range(4):
+        phantom = make_ct_phantom(seed, n_slices=SLICES, size=SIZE, finding_params=params)
+        nodules = phantom.findings["Lung nodule"]
+        if nodules.present:
+            assert nodules.count == 2
+            assert all(9.0 <= n["radius_mm"] <= 10.0 for n in nodules.details["nodules"])
+    explicit = make_ct_phantom(
+        1, findings={"Lung nodule": {"count": 1}}, n_slices=SLICES, size=SIZE, finding_params=params
+    )
+    assert explicit.findings["Lung nodule"].count == 1  # explicit parameters win
+
+
 def test_random_findings_follow_probability():
     drawn = np.array([make_ct_phantom(s, n_slices=20, size=48).label_vector() for s in range(40)])
     assert 0.25 < drawn.mean() < 0.75  # p = 0.5 per finding

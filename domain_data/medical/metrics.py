@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
@@ -171,6 +171,14 @@ FINDING_TERMS: dict[str, tuple[str, ...]] = {
     "Interlobular septal thickening": ("interlobular septal thickening", "septal thickening"),
 }
 
+# Findings also recognised when two words share a clause: (site pattern, finding pattern).
+CO_OCCURRENCE: dict[str, tuple[str, str]] = {
+    "Arterial wall calcification": (r"\baort|\barterial\b|\bcarotid|\biliac|\bfemoral|\bsubclavian",
+                                    r"calcif|atheroscl|atherom|\bplaques?\b"),
+    "Coronary artery wall calcification": (r"\bcoronar", r"calcif|atheroscl|atherom|\bplaques?\b"),
+    "Lymphadenopathy": (r"\blymph\s+nodes?\b", r"\benlarge|\bpatholog"),
+}
+
 NEGATION_CUES = (
     "no", "not", "without", "absence of", "absent", "negative for", "free of", "ruled out", "rule out",
     "no evidence of", "no sign of", "no signs of", "neither", "nor", "none", "unremarkable", "resolved",
@@ -207,6 +215,8 @@ def parse_findings(text: str) -> dict[str, int]:
        unless a negation cue (:data:`NEGATION_CUES`) occurs *before* the mention in that clause
        ("no pleural effusion", "without consolidation", "there is no evidence of emphysema") or a
        negated verb follows it ("pleural effusion was not detected", "nodules are not seen");
+       a few findings are also recognised from a site and a finding word in one clause
+       (:data:`CO_OCCURRENCE`: "calcified plaques in the aorta and coronary arteries");
     3. the abnormality is 1 when at least one mention is positive, else 0.
 
     Commas do not split clauses, so a negation distributes over a list ("no effusion, consolidation
@@ -238,15 +248,24 @@ def _explicit_answers(lowered: str) -> dict[str, int]:
     return answers
 
 
-def _positive_mention(clause: str, terms: tuple[str, ...], name: str) -> bool:
+def _mentions(clause: str, terms: tuple[str, ...], name: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each mention of the abnormality in ``clause``."""
     for term in terms:
         for match in re.finditer(rf"\b{re.escape(term)}", clause):
-            if _shadowed(clause, match.start(), name):
-                continue
-            negated_before = _NEGATION_RE.search(clause[: match.start()])
-            negated_after = _POST_NEGATION_RE.search(clause[match.end() :])
-            if not negated_before and not negated_after:
-                return True
+            if not _shadowed(clause, match.start(), name):
+                yield match.start(), match.end()
+    if name in CO_OCCURRENCE:
+        site, finding = (re.search(p, clause) for p in CO_OCCURRENCE[name])
+        if site and finding:
+            yield min(site.start(), finding.start()), max(site.end(), finding.end())
+
+
+def _positive_mention(clause: str, terms: tuple[str, ...], name: str) -> bool:
+    for start, end in _mentions(clause, terms, name):
+        negated_before = _NEGATION_RE.search(clause[:start])
+        negated_after = _POST_NEGATION_RE.search(clause[end:])
+        if not negated_before and not negated_after:
+            return True
     return False
 
 

@@ -67,7 +67,8 @@ def choose_slice_count(volume: CTVolume, num_slices: int | None, spacing_mm: flo
 def _target_indices(volume: CTVolume, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Fractional z indices and positions (mm) of ``count`` evenly spaced planes over the volume."""
     offsets = np.asarray(volume.z_offsets_mm, dtype=np.float64)
-    evenly = np.allclose(np.diff(offsets), offsets[1] - offsets[0], rtol=1e-3, atol=1e-3)
+    steps = np.diff(offsets)
+    evenly = steps.size == 0 or np.allclose(steps, steps[0], rtol=1e-3, atol=1e-3)
     if count == volume.num_slices and evenly:
         return np.arange(count, dtype=np.float64), offsets.copy()
     positions = np.linspace(offsets[0], offsets[-1], count)

@@ -116,6 +116,17 @@ def test_parse_findings_but_clause_and_explicit_answers() -> None:
     assert parse_yes_no("Yes, there is.") == 1 and parse_yes_no("No.") == 0 and parse_yes_no("maybe") is None
 
 
+def test_parse_findings_report_like_text() -> None:
+    report = ("Mediastinal main vascular structures, heart contour and size are normal. Calcified "
+              "atherosclerotic plaques are observed in the aorta and coronary arteries. Pericardial "
+              "effusion was not observed. No pathologically enlarged lymph nodes were detected. There are "
+              "millimetric nonspecific nodules in both lungs. No pleural effusion or thickening. "
+              "Cardiomegaly is not present.")
+    positives = {name for name, value in parse_findings(report).items() if value}
+    assert positives == {"Arterial wall calcification", "Coronary artery wall calcification", "Lung nodule"}
+    assert parse_findings("Enlarged lymph nodes in the mediastinum.")["Lymphadenopathy"] == 1
+
+
 def test_match_option_rules() -> None:
     assert match_option("B.", ["yes", "no"]) == 1  # letter
     assert match_option("The answer is (C)", ["a", "b", "c"]) == 2

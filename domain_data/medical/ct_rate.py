@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from domain_data.medical.constants import CT_RATE_ABNORMALITIES
 from domain_data.medical.ct import CTVolume, load_ct
 from domain_data.medical.errors import MedicalDatasetError
-from domain_data.medical.metrics import CT_RATE_ABNORMALITIES
 
 Split = Literal["train", "valid"]
 _CSV_SPLIT = {"train": "train", "valid": "validation"}

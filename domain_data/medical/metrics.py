@@ -26,28 +26,21 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+from domain_data.medical.constants import CT_RATE_ABNORMALITIES
 from domain_data.medical.errors import MedicalDatasetError
 
-CT_RATE_ABNORMALITIES: tuple[str, ...] = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
+__all__ = [
+    "CT_RATE_ABNORMALITIES",
+    "apply_thresholds",
+    "choose_thresholds",
+    "closed_vqa_accuracy",
+    "ct_rate_scores",
+    "ct_rate_scores_from_probabilities",
+    "match_option",
+    "parse_findings",
+    "parse_yes_no",
+]
+
 
 LabelsLike = np.ndarray | Sequence[Sequence[int]] | Sequence[Mapping[str, int]]
 

@@ -30,7 +30,7 @@ from apps.common import (
     upload_paths,
     write_export,
 )
-from apps.engine import SharedModel, stream_answer
+from apps.engine import LOAD_QUEUE, MODEL_QUEUE, VIEW_CONCURRENCY, VIEW_QUEUE, SharedModel, stream_answer
 
 LOG = logging.getLogger("longllava.apps")
 
@@ -406,17 +406,21 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> None:
         study = _require_study(study)
         return write_exports(study, config, shared.name), "Exported conversation and findings."
 
-    upload.upload(on_upload, [upload, window], loaded_outputs, api_name="ct_upload")
-    sample_button.click(on_sample, [window], loaded_outputs, api_name="ct_sample")
-    slice_index.change(on_view, [study_state, slice_index, window], [view, montage_image, status],
-                       api_name=False, show_progress="hidden")
-    window.change(on_view, [study_state, slice_index, window], [view, montage_image, status], api_name=False)
-    ask_event = dict(fn=on_ask, inputs=[study_state, question], outputs=[chatbot, status, question, study_state])
+    model_queue = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=config.concurrency_limit)
+    load_queue = dict(concurrency_id=LOAD_QUEUE, concurrency_limit=config.concurrency_limit)
+    view_queue = dict(concurrency_id=VIEW_QUEUE, concurrency_limit=VIEW_CONCURRENCY)
+    upload.upload(on_upload, [upload, window], loaded_outputs, api_name="ct_upload", **load_queue)
+    sample_button.click(on_sample, [window], loaded_outputs, api_name="ct_sample", **load_queue)
+    view_inputs, view_outputs = [study_state, slice_index, window], [view, montage_image, status]
+    slice_index.change(on_view, view_inputs, view_outputs, api_name=False, show_progress="hidden", **view_queue)
+    window.change(on_view, view_inputs, view_outputs, api_name=False, **view_queue)
+    ask_event = dict(fn=on_ask, inputs=[study_state, question], outputs=[chatbot, status, question, study_state],
+                     **model_queue)
     ask_button.click(**ask_event, api_name="ct_ask")
     question.submit(**ask_event, api_name=False)
     findings_button.click(on_findings, [study_state], [findings, status, study_state, exports],
-                          api_name="ct_findings")
-    export_button.click(on_export, [study_state], [exports, status], api_name="ct_export")
+                          api_name="ct_findings", **model_queue)
+    export_button.click(on_export, [study_state], [exports, status], api_name="ct_export", **view_queue)
 
 
 def _require_study(study: CTStudy | None) -> CTStudy:

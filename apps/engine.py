@@ -20,6 +20,14 @@ LOG = logging.getLogger("longllava.apps")
 
 ProgressCallback = Callable[[int, int, str], None]
 
+# Gradio queue groups shared by both tabs: at most ``concurrency_limit`` model calls (answers,
+# checklists) run at once across all users and tabs, uploads are parsed in their own group, and
+# viewer updates (slice slider, window) never wait behind the model.
+MODEL_QUEUE = "model"
+LOAD_QUEUE = "load"
+VIEW_QUEUE = "view"
+VIEW_CONCURRENCY = 8
+
 
 @dataclass
 class SharedModel:

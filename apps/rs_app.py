@@ -26,7 +26,7 @@ from apps.common import (
     upload_paths,
     write_export,
 )
-from apps.engine import SharedModel, stream_answer
+from apps.engine import LOAD_QUEUE, MODEL_QUEUE, SharedModel, stream_answer
 
 LOG = logging.getLogger("longllava.apps")
 
@@ -272,13 +272,14 @@ def build_rs_tab(shared: SharedModel, config: AppConfig) -> None:
                 f"{features} GeoJSON feature(s).")
         yield history, note, "", image, draw_overlay(image, image.referenced), path
 
-    upload.upload(on_upload, [upload], loaded_outputs, api_name="rs_upload")
-    sample_button.click(on_sample, [], loaded_outputs, api_name="rs_sample")
+    model_queue = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=config.concurrency_limit)
+    load_queue = dict(concurrency_id=LOAD_QUEUE, concurrency_limit=config.concurrency_limit)
+    upload.upload(on_upload, [upload], loaded_outputs, api_name="rs_upload", **load_queue)
+    sample_button.click(on_sample, [], loaded_outputs, api_name="rs_sample", **load_queue)
     ask_event = dict(fn=on_ask, inputs=[image_state, question],
-                     outputs=[chatbot, status, question, image_state, overlay, geojson])
+                     outputs=[chatbot, status, question, image_state, overlay, geojson], **model_queue)
     ask_button.click(**ask_event, api_name="rs_ask")
     question.submit(**ask_event, api_name=False)
-
 
 
 def build_rs_app(shared: SharedModel, config: AppConfig):

@@ -162,8 +162,10 @@ def test_build_app_both_tabs_one_model_and_queue(tiny_model_dir: Path, config) -
     labels = {getattr(block, "label", None) for block in app.blocks.values()}
     assert {"CT study", "Satellite image"} <= labels
     assert app._queue.default_concurrency_limit == 3 and app._queue.max_size == 7
-    api_names = {dep.api_name for dep in app.fns.values()}
-    assert {"ct_upload", "ct_ask", "ct_findings", "ct_export", "rs_upload", "rs_ask"} <= api_names
+    by_name = {dep.api_name: dep for dep in app.fns.values()}
+    assert {"ct_upload", "ct_ask", "ct_findings", "ct_export", "rs_upload", "rs_ask"} <= set(by_name)
+    for name in ("ct_ask", "ct_findings", "rs_ask"):  # one model-call limit across both tabs
+        assert (by_name[name].concurrency_id, by_name[name].concurrency_limit) == ("model", 3)
     with pytest.raises(AppInputError, match="unknown app"):
         build_app(shared, config, kinds=("mri",))
 

@@ -111,7 +111,7 @@ class LongLlavaModel(LlavaModel):
 
 class LongLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """CLIP -> 2D pooling -> mlp2x_gelu -> Jamba, with ``generate()``; weights as in transformers' LLaVA:
-    ``model.vision_tower.vision_model.*``, ``model.multi_modal_projector.linear_{1,2}.*``,
+    ``model.vision_tower.*`` (CLIP), ``model.multi_modal_projector.linear_{1,2}.*``,
     ``model.language_model.*`` (Jamba body), ``lm_head.weight``."""
 
     config_class = LongLlavaConfig

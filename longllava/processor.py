@@ -3,7 +3,9 @@
 ``processor(text=..., images=[PIL...], return_tensors="pt")`` returns ``input_ids``,
 ``attention_mask`` and ``pixel_values`` (n_images, 3, S, S), with every ``<image>`` in the text
 replaced by ``tokens_per_image`` copies (144 for the real presets). Images are matched to
-placeholders in order; a count mismatch raises :class:`ModelInputError`.
+placeholders in order; a count mismatch raises :class:`ModelInputError`. Non-square images are first
+padded to a square with CLIP's mean colour (``pad_to_square``, as upstream LLaVA's
+``image_aspect_ratio: pad``), then resized to the CLIP input size, so no part of an image is cropped.
 
 Build the text with :mod:`longllava.protocol` (``images_prompt``, ``series_prompt``, ``grid_prompt``)
 and the chat template (:meth:`LongLlavaProcessor.apply_chat_template`, or :func:`build_chat_inputs`
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, CLIPImageProcessor
+from transformers import AutoProcessor, CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -26,10 +28,10 @@ from longllava.config import LongLlavaConfig
 from longllava.errors import ModelInputError
 
 
-def build_image_processor(config: LongLlavaConfig) -> CLIPImageProcessor:
+def build_image_processor(config: LongLlavaConfig) -> CLIPImageProcessorPil:
     """CLIP preprocessing (resize shortest side, centre crop, CLIP mean/std) at the preset's input size."""
     size = config.vision_config.image_size
-    return CLIPImageProcessor(
+    return CLIPImageProcessorPil(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         do_convert_rgb=True,
@@ -45,6 +47,7 @@ class LongLlavaProcessor(ProcessorMixin):
         tokenizer: Any = None,
         tokens_per_image: int = 144,
         image_token: str = protocol.IMAGE_TOKEN,
+        pad_to_square: bool = True,
         chat_template: str | None = None,
         **kwargs: Any,
     ):
@@ -52,6 +55,7 @@ class LongLlavaProcessor(ProcessorMixin):
             raise ModelInputError("LongLlavaProcessor needs both an image processor and a tokenizer")
         self.tokens_per_image = int(tokens_per_image)
         self.image_token = image_token
+        self.pad_to_square = bool(pad_to_square)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ModelInputError(f"the tokenizer has no {image_token!r} token: add it as a special token")
@@ -118,6 +122,9 @@ class LongLlavaProcessor(ProcessorMixin):
             if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
                 raise ModelInputError(f"pixel_values must be (n, 3, {size}, {size}), got {tuple(images.shape)}")
             return images
+        if self.pad_to_square:
+            fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+            images = [pad_to_square(image.convert("RGB"), fill) for image in images]
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def apply_chat_template(
@@ -147,6 +154,20 @@ class LongLlavaProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = True, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """Centre ``image`` on a square canvas of colour ``fill`` (LLaVA's ``image_aspect_ratio: pad``).
+
+    Odd padding puts the extra pixel after the image (bottom/right); nothing is cropped later.
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 def _as_image_list(images: Any) -> list | torch.Tensor:

@@ -50,7 +50,7 @@ def make_images(n: int, seed: int = 0, size: tuple[int, int] = (64, 80)) -> list
     return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def images_factory():
     return make_images
 

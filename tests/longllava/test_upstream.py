@@ -1,0 +1,147 @@
+"""Upstream (original LongLLaVA, llava_jamba) checkpoints: a tiny one is written in that layout here,
+converted, loaded with every tensor accounted for, and must give identical logits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from longllava import protocol
+from longllava.cli import main
+from longllava.config import LongLlavaConfig
+from longllava.errors import ModelInputError
+from longllava.loading import build_model, load_model
+from longllava.upstream import convert_upstream
+
+POSITION_IDS = "model.vision_tower.vision_tower.vision_model.embeddings.position_ids"
+
+
+def to_upstream_layout(state: dict[str, torch.Tensor], dense_as_expert0: bool) -> dict[str, torch.Tensor]:
+    """Our state dict -> the original project's keys, per-expert MoE modules, an old position_ids buffer.
+
+    Dense layers are plain ``feed_forward.{gate,up,down}_proj`` (Jamba's JambaMLP) or, with
+    ``dense_as_expert0``, LongLLaVA-9B style ``experts.0.*`` plus a saved one-expert router.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.startswith("model.language_model."):
+            name = "model." + key[len("model.language_model.") :]
+            fused = re.match(r"^(model\.layers\.(\d+)\.feed_forward)\.experts\.(gate_up_proj|down_proj)$", name)
+            if fused:
+                prefix, kind = fused.group(1), fused.group(3)
+                for e in range(tensor.shape[0]):
+                    if kind == "gate_up_proj":
+                        gate, up = tensor[e].chunk(2, dim=0)
+                        out[f"{prefix}.experts.{e}.gate_proj.weight"] = gate.clone()
+                        out[f"{prefix}.experts.{e}.up_proj.weight"] = up.clone()
+                    else:
+                        out[f"{prefix}.experts.{e}.down_proj.weight"] = tensor[e].clone()
+                continue
+            dense = re.match(r"^(model\.layers\.(\d+)\.feed_forward)\.(gate_proj|up_proj|down_proj)\.weight$", name)
+            if dense and dense_as_expert0:  # LongLLaVA-9B style: expert 0 kept, one-expert router still saved
+                prefix = dense.group(1)
+                out[f"{prefix}.experts.0.{dense.group(3)}.weight"] = tensor.clone()
+                out[f"{prefix}.router.weight"] = torch.randn(1, tensor.shape[-1] if dense.group(3) != "down_proj" else tensor.shape[0])
+                continue
+            out[name] = tensor.clone()
+        elif key.startswith("model.vision_tower."):
+            out["model.vision_tower.vision_tower.vision_model." + key[len("model.vision_tower.") :]] = tensor.clone()
+        elif key.startswith("model.multi_modal_projector.linear_"):
+            index = {"1": "0", "2": "2"}[key.split("linear_")[1][0]]
+            out[f"model.mm_projector.{index}." + key.rsplit(".", 1)[1]] = tensor.clone()
+        else:
+            out[key] = tensor.clone()
+    out[POSITION_IDS] = torch.arange(state["model.vision_tower.embeddings.position_embedding.weight"].shape[0])[None]
+    return out
+
+
+def write_upstream_checkpoint(model, tokenizer, folder, dense_as_expert0=False):
+    config: LongLlavaConfig = model.config
+    clip_dir = folder / "clip-vision"
+    config.vision_config.save_pretrained(clip_dir)
+    upstream_config = {
+        **{k: v for k, v in config.text_config.to_dict().items() if k not in ("model_type", "architectures")},
+        "model_type": "llava_jamba",
+        "architectures": ["LlavaJambaForCausalLM"],
+        "mm_vision_tower": str(clip_dir),
+        "mm_hidden_size": config.vision_config.hidden_size,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "resamplePooling": "2d",
+        "image_aspect_ratio": "pad",
+    }
+    (folder / "config.json").write_text(json.dumps(upstream_config))
+    weights = to_upstream_layout(model.state_dict(), dense_as_expert0)
+    keys = sorted(weights)
+    half = len(keys) // 2  # two shards, as large checkpoints are
+    save_file({k: weights[k].contiguous() for k in keys[:half]}, folder / "model-00001-of-00002.safetensors")
+    save_file({k: weights[k].contiguous() for k in keys[half:]}, folder / "model-00002-of-00002.safetensors")
+    tokenizer.save_pretrained(folder)
+    return weights
+
+
+@pytest.mark.parametrize("layout", ["moe", "dense_expert0"])
+def test_convert_upstream_checkpoint_gives_identical_logits(tokenizer, tmp_path, images_factory, layout):
+    config = LongLlavaConfig.from_preset("tiny")
+    if layout == "dense_expert0":
+        config.text_config.num_experts = 1
+        config.text_config.num_experts_per_tok = 1
+    model, processor = build_model(config, tokenizer, seed=3)
+    src = tmp_path / "upstream"
+    src.mkdir()
+    upstream_weights = write_upstream_checkpoint(model, tokenizer, src, dense_as_expert0=layout == "dense_expert0")
+
+    report = convert_upstream(src, tmp_path / "converted", max_shard_bytes=200_000)
+    converted, converted_processor = load_model(tmp_path / "converted")  # raises on missing/unexpected weights
+
+    state = model.state_dict()
+    assert report.n_written_tensors == len(state) == len(converted.state_dict())
+    routers = {k for k in upstream_weights if k.endswith("router.weight")} if layout == "dense_expert0" else set()
+    assert set(report.dropped) == {POSITION_IDS} | routers
+    n_expert_keys = sum(1 for k in upstream_weights if ".experts." in k)
+    fused = 2 * report.fused_expert_layers
+    n_dense = n_expert_keys if layout == "dense_expert0" else 0
+    # every source tensor: dropped, copied one-to-one, or one of the per-expert tensors fused.
+    assert report.n_source_tensors == len(report.dropped) + (len(state) - fused - n_dense) + n_expert_keys
+    if layout == "moe":
+        assert report.fused_expert_layers == 2
+    assert (tmp_path / "converted" / "model.safetensors.index.json").is_file()
+
+    images = images_factory(3)
+    prompt = [{"role": "user", "content": protocol.images_prompt(3) + "What is shown?"}]
+    inputs = processor.apply_chat_template(prompt, tokenize=True, images=images)
+    converted_inputs = converted_processor.apply_chat_template(prompt, tokenize=True, images=images)
+    assert torch.equal(inputs["input_ids"], converted_inputs["input_ids"])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        got = converted(**converted_inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_convert_upstream_cli_and_errors(tokenizer, tmp_path, capsys):
+    model, _ = build_model("tiny", tokenizer, seed=1)
+    src = tmp_path / "upstream"
+    src.mkdir()
+    write_upstream_checkpoint(model, tokenizer, src)
+    assert main(["convert-upstream", str(src), str(tmp_path / "out"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["written_tensors"] == len(model.state_dict())
+    # the converted folder is not upstream any more; converting into a non-empty folder is refused
+    assert main(["convert-upstream", str(src), str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    # an unknown tensor in the source is reported, not silently dropped
+    save_file({"model.extra.weight": torch.zeros(2)}, src / "extra.safetensors")
+    with pytest.raises(ModelInputError, match="unexpected weight 'model.extra.weight'"):
+        convert_upstream(src, tmp_path / "out2")
+
+
+def test_loading_an_upstream_folder_directly_says_convert(tokenizer, tmp_path):
+    model, _ = build_model("tiny", tokenizer, seed=1)
+    write_upstream_checkpoint(model, tokenizer, tmp_path)
+    with pytest.raises(ModelInputError, match="convert-upstream"):
+        load_model(tmp_path)

@@ -197,46 +197,57 @@ def _smooth_1d(n: int, rng: np.random.Generator, amplitude: float, wavelength: f
     return curve
 
 
-def _background(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Class map (H, W) and a per-pixel colour (H, W, 3) float32 of fields, soil, river and roads."""
+def _field_cells(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel flat index (H, W) int32 of a field cell with wavy borders, and the cells' colours."""
     cell = int(rng.integers(90, 180))
     jitter_y = _smooth_1d(width, rng, cell * 0.25, width / 1.5)  # wavy field borders
     jitter_x = _smooth_1d(height, rng, cell * 0.25, height / 1.5)
-    rows_idx = ((np.arange(height)[:, None] + jitter_y[None, :]) // cell).astype(np.int64) + 4
-    cols_idx = ((np.arange(width)[None, :] + jitter_x[:, None]) // cell).astype(np.int64) + 4
     n_cells_r, n_cells_c = height // cell + 10, width // cell + 10
-    patch_type = rng.integers(0, len(_FIELD_COLOURS), size=(n_cells_r, n_cells_c))
-    patch_shift = rng.uniform(-12, 12, size=(n_cells_r, n_cells_c, 3)).astype(np.float32)
-    patch = patch_type[rows_idx, cols_idx]  # (H, W)
-    colour = _FIELD_COLOURS[patch] + patch_shift[rows_idx, cols_idx]
-    classes = np.where(patch == 3, CLASSES["soil"], CLASSES["field"]).astype(np.uint8)
-    # crop rows: a faint stripe pattern per field
-    stripes = np.sin((np.arange(width)[None, :] + 0.5 * np.arange(height)[:, None]) / 3.0).astype(np.float32)
-    colour += (stripes * 6.0)[:, :, None]
+    rows_idx = (np.arange(height, dtype=np.float32)[:, None] + jitter_y[None, :]) // cell + 4  # (H, W)
+    cols_idx = (np.arange(width, dtype=np.float32)[None, :] + jitter_x[:, None]) // cell + 4  # (H, W)
+    flat = rows_idx.astype(np.int32) * n_cells_c + cols_idx.astype(np.int32)
+    patch_type = rng.integers(0, len(_FIELD_COLOURS), size=n_cells_r * n_cells_c)
+    patch_shift = rng.uniform(-12, 12, size=(n_cells_r * n_cells_c, 3)).astype(np.float32)
+    return flat, np.stack([patch_type.astype(np.float32), *(_FIELD_COLOURS[patch_type] + patch_shift).T], axis=1)
 
-    # a river meandering across the long axis
+
+def _background(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class map (H, W) and a per-pixel colour (H, W, 3) float32 of fields, soil, river and roads."""
+    flat, cells = _field_cells(height, width, rng)  # cells: (n, 4) = type, R, G, B
+    colour = np.take(cells[:, 1:], flat, axis=0)  # (H, W, 3)
+    classes = np.where(np.take(cells[:, 0], flat) == 3, CLASSES["soil"], CLASSES["field"]).astype(np.uint8)
+    del flat
+    # crop rows: faint diagonal stripes sin(x/3 + y/6), written as two separable products
+    x, y = np.arange(width, dtype=np.float32) / 3, np.arange(height, dtype=np.float32) / 6
+    stripes = np.outer(np.cos(y), np.sin(x))
+    stripes += np.outer(np.sin(y), np.cos(x))
+    colour += (6.0 * stripes)[:, :, None]
+    del stripes
+
+    # a river meandering across the long axis, one run of pixels per position along it
     horizontal = width >= height
     along, across = (width, height) if horizontal else (height, width)
     centre = across * rng.uniform(0.3, 0.7) + _smooth_1d(along, rng, across * 0.12, along * 0.9)
     half_width = max(across * rng.uniform(0.06, 0.1), 20.0) + _smooth_1d(along, rng, across * 0.01, along / 2)
-    pos = np.arange(across, dtype=np.float32)
-    water = np.abs(pos[:, None] - centre[None, :]) <= half_width[None, :]  # (across, along)
-    water = water if horizontal else water.T
-    classes[water] = CLASSES["water"]
-    colour[water] = _WATER + rng.normal(0, 3, size=3).astype(np.float32)
+    water_colour = _WATER + rng.normal(0, 3, size=3).astype(np.float32)
+    for i in range(along):
+        lo = max(int(np.ceil(centre[i] - half_width[i])), 0)
+        hi = min(int(np.floor(centre[i] + half_width[i])) + 1, across)
+        run = (slice(lo, hi), i) if horizontal else (i, slice(lo, hi))
+        classes[run] = CLASSES["water"]
+        colour[run] = water_colour
 
-    # straight roads: one roughly parallel to each axis
-    road = np.zeros((height, width), dtype=bool)
-    yy, xx = np.arange(height)[:, None], np.arange(width)[None, :]
+    # straight roads, one roughly parallel to each axis (bridges cross the river)
     for axis in (0, 1):
         half = rng.uniform(3, 5)
         offset, slope = rng.uniform(0.15, 0.85), rng.uniform(-0.15, 0.15)
-        if axis == 0:
-            road |= np.abs(yy - (offset * height + slope * (xx - width / 2))) <= half
-        else:
-            road |= np.abs(xx - (offset * width + slope * (yy - height / 2))) <= half
-    classes[road] = CLASSES["road"]
-    colour[road] = _ROAD
+        length, extent = (width, height) if axis == 0 else (height, width)
+        for i in range(length):
+            mid = offset * extent + slope * (i - length / 2)
+            lo, hi = max(int(np.ceil(mid - half)), 0), min(int(np.floor(mid + half)) + 1, extent)
+            run = (slice(lo, hi), i) if axis == 0 else (i, slice(lo, hi))
+            classes[run] = CLASSES["road"]
+            colour[run] = _ROAD
     return classes, colour
 
 

@@ -142,3 +142,12 @@ def test_closed_vqa_accuracy() -> None:
     assert result == {"accuracy": pytest.approx(2 / 3), "n": 3, "correct": 2, "matched": [0, 1, 0]}
     with pytest.raises(MedicalDatasetError, match="not one of the options"):
         closed_vqa_accuracy(["A"], [["yes", "no"]], ["maybe"])
+
+
+def test_parse_findings_checklist_round_trip() -> None:
+    """The app asks for one '<name>: yes|no' line per abnormality; every pattern parses back exactly."""
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        truth = {name: int(v) for name, v in zip(CT_RATE_ABNORMALITIES, rng.integers(0, 2, 18))}
+        text = "\n".join(f"- {name}: {'yes' if value else 'no'}" for name, value in truth.items())
+        assert parse_findings(text) == truth

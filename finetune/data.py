@@ -138,8 +138,9 @@ def _is_ct_source(path: Path) -> bool:
     return path.is_dir() or path.name.lower().endswith(CT_SUFFIXES)
 
 
-def parse_record(raw: dict, where: str, root: Path) -> TrainingRecord:
-    """Validate one raw object; relative paths are resolved against ``root``."""
+def parse_record(raw: dict, where: str, root: Path, render_defaults: dict | None = None) -> TrainingRecord:
+    """Validate one raw object; relative paths are resolved against ``root``; ``render_defaults`` are
+    CT / raster options used where the record sets none."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
     conversations = raw.get("conversations")
@@ -168,7 +169,7 @@ def parse_record(raw: dict, where: str, root: Path) -> TrainingRecord:
     render = raw.get("render", {})
     if not isinstance(render, dict):
         raise DataError(f"{where}: 'render' must be an object of options, got {render!r}")
-    render = {**{k: raw[k] for k in RENDER_KEYS if k in raw}, **render}
+    render = {**(render_defaults or {}), **{k: raw[k] for k in RENDER_KEYS if k in raw}, **render}
     record_id = str(raw.get("id", where))
     if len(images) == 1 and layout == "series" and _is_ct_source(images[0]):
         ct, images = images[0], ()  # LLaVA-style record whose one "image" is a CT study
@@ -181,10 +182,35 @@ def parse_record(raw: dict, where: str, root: Path) -> TrainingRecord:
     return TrainingRecord(record_id, tuple(conversations), images, layout, grid, ct, raster, render, where)
 
 
-def load_records(path: str | Path, image_root: str | Path | None = None) -> list[TrainingRecord]:
-    """Records of one data file; image paths are relative to ``image_root`` (default: the file's folder)."""
+def load_records(path: str | Path, image_root: str | Path | None = None,
+                 render_defaults: dict | None = None) -> list[TrainingRecord]:
+    """Records of one data file; image paths are relative to ``image_root`` (default: the file's folder).
+
+    ``ct-rate:ROOT[:SPLIT]`` reads a CT-RATE release instead: one report-writing record per volume."""
+    if str(path).startswith("ct-rate:"):
+        return ct_rate_records(str(path), render_defaults)
     root = Path(image_root) if image_root else Path(path).parent
-    return [parse_record(raw, where, root) for where, raw in read_json_records(path)]
+    return [parse_record(raw, where, root, render_defaults) for where, raw in read_json_records(path)]
+
+
+CT_REPORT_QUESTION = "Write the findings and impressions of this chest CT."
+
+
+def ct_rate_records(spec: str, render_defaults: dict | None = None) -> list[TrainingRecord]:
+    """``ct-rate:ROOT[:SPLIT]`` -> records asking for the report of each volume (answer: findings +
+    impressions); the volume is rescaled with its metadata row when rendered."""
+    from domain_data.medical.ct_rate import CTRateDataset
+
+    _, root, *rest = spec.split(":")
+    split = rest[0] if rest else "train"
+    records = []
+    for row in CTRateDataset(root, split=split, require_labels=False):
+        answer = f"Findings: {row.findings}\nImpressions: {row.impressions}"
+        render = {**(render_defaults or {}), "ct_rate_metadata": row.metadata_row or None}
+        conversations = ({"from": "human", "value": CT_REPORT_QUESTION}, {"from": "gpt", "value": answer})
+        records.append(TrainingRecord(row.volume_name, conversations, (), "series", None, row.volume_path, None,
+                                      render, f"{spec}:{row.volume_name}"))
+    return records
 
 
 def mix_with_replay(

@@ -63,6 +63,8 @@ class Recipe:
     replay_ratio: float = 0.0
     output_dir: str = "runs/custom"
     image_cache_dir: str | None = None  # default OUTPUT/image_cache
+    render: dict = field(default_factory=dict)  # CT / raster options for records that set none
+    train_vision_tower: bool = False  # the paper keeps CLIP frozen; a model trained from scratch may not
     max_length: int = 4096
     pack: bool = True
     learning_rate: float = 1e-5
@@ -213,8 +215,8 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def set_stage_trainable(model: Any, stage: str) -> None:
-    """Freeze everything, then unfreeze what the stage trains (vision tower always frozen)."""
+def set_stage_trainable(model: Any, stage: str, train_vision_tower: bool = False) -> None:
+    """Freeze everything, then unfreeze what the stage trains (the vision tower only when asked)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     projector = _find_module(model, PROJECTOR_MODULE)
@@ -224,6 +226,9 @@ def set_stage_trainable(model: Any, stage: str) -> None:
         for name, parameter in model.named_parameters():
             if "vision_tower" not in name and PROJECTOR_MODULE not in name:
                 parameter.requires_grad_(True)
+    if train_vision_tower:
+        for parameter in _find_module(model, "vision_tower").parameters():
+            parameter.requires_grad_(True)
 
 
 def _find_module(model: Any, suffix: str) -> Any:
@@ -275,11 +280,14 @@ def prepare_model(recipe: Recipe, model: Any) -> Any:
     text_config = getattr(model.config, "text_config", None)
     if text_config is not None:
         text_config.use_cache = False
-    set_stage_trainable(model, recipe.stage)
+    set_stage_trainable(model, recipe.stage, recipe.train_vision_tower)
     if recipe.mode == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(recipe, model))
+        config = lora_config(recipe, model)
+        if recipe.train_vision_tower:
+            config.modules_to_save = [*config.modules_to_save, "vision_tower"]
+        model = get_peft_model(model, config)
     return model
 
 
@@ -426,9 +434,10 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: Path) -> Any:
     from finetune import data
 
-    records = [r for path in recipe.train_data for r in data.load_records(path, recipe.image_root)]
+    records = [r for path in recipe.train_data for r in data.load_records(path, recipe.image_root, recipe.render)]
     if recipe.stage == "multi" and recipe.replay_ratio:
-        replay = [r for path in recipe.replay_data for r in data.load_records(path, recipe.image_root)]
+        replay = [r for path in recipe.replay_data
+                  for r in data.load_records(path, recipe.image_root, recipe.render)]
         records = data.mix_with_replay(records, replay, recipe.replay_ratio, recipe.seed)
     if not records:
         raise FinetuneError(f"recipe {recipe.name}: the training files hold no records")

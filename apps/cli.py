@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     parser.add_argument("--cache-dir", default=None, help="where samples and exports are written "
                         "(default: a folder in the system temp dir)")
+    parser.add_argument("--preload-samples", action="store_true",
+                        help="open every page with the sample CT study and satellite image already loaded")
     parser.set_defaults(func=run_app)
 
 
@@ -49,6 +51,7 @@ def config_from_args(args: argparse.Namespace):
         num_slices=args.max_slices,
         max_tiles=args.max_tiles,
         max_new_tokens=args.max_new_tokens,
+        preload_samples=args.preload_samples,
     )
     if args.cache_dir:
         config.cache_dir = Path(args.cache_dir)
@@ -68,6 +71,11 @@ def run_app(args: argparse.Namespace) -> int:
     resolve_auth(args.host)  # fail before the model loads
     shared = load_shared_model(args.model, device=args.device)
     config.model_name = shared.name
+    if config.preload_samples:  # render the samples now, not on the first page load
+        from apps.samples import sample_ct_study, sample_raster
+
+        sample_ct_study(config.sample_dir())
+        sample_raster(config.sample_dir())
     kinds = (args.kind,) if args.kind else APP_KINDS
     app = build_app(shared, config, kinds=kinds)
     print(f"LongLLaVA app ({', '.join(kinds)}) with model {shared.name} on http://{args.host}:{args.port}",

@@ -38,6 +38,7 @@ class AppConfig:
 
     ``num_slices`` None keeps the medical loader's default (the study's own count clipped to
     100-984); tests cap it to a handful so the tiny model answers in a second.
+    ``preload_samples`` opens every page with the sample study and image already loaded.
     """
 
     max_upload_mb: float = 1024.0
@@ -48,6 +49,7 @@ class AppConfig:
     max_new_tokens: int = 256
     findings_max_new_tokens: int = 384
     image_size: int | None = None
+    preload_samples: bool = False
     cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "longllava-apps")
     model_name: str = "model"
 

@@ -289,8 +289,11 @@ def write_exports(study: CTStudy, config: AppConfig, model_name: str) -> list[st
 # ----------------------------------------------------------------------------- page
 
 
-def build_ct_tab(shared: SharedModel, config: AppConfig) -> None:
-    """Add the CT app's components and events to the enclosing ``gr.Blocks``."""
+def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
+    """Add the CT app's components and events to the enclosing ``gr.Blocks``.
+
+    Returns the 'load sample' event (fn, inputs, outputs, queue) so a launcher can run it on page load.
+    """
     import gradio as gr
 
     from apps.samples import sample_ct_study
@@ -421,20 +424,10 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> None:
     findings_button.click(on_findings, [study_state], [findings, status, study_state, exports],
                           api_name="ct_findings", **model_queue)
     export_button.click(on_export, [study_state], [exports, status], api_name="ct_export", **view_queue)
+    return dict(fn=on_sample, inputs=[window], outputs=loaded_outputs, **load_queue)
 
 
 def _require_study(study: CTStudy | None) -> CTStudy:
     if study is None:
         raise AppInputError("no study loaded yet: upload a CT study or click 'Load sample study' first")
     return study
-
-
-
-def build_ct_app(shared: SharedModel, config: AppConfig):
-    """The CT app on its own page (``longllava app ct``)."""
-    import gradio as gr
-
-    with gr.Blocks(title="LongLLaVA CT") as app:
-        gr.Markdown(f"## LongLLaVA: CT studies\nModel: `{shared.name}`. Research use only, not for diagnosis.")
-        build_ct_tab(shared, config)
-    return app

@@ -46,13 +46,17 @@ def build_app(shared: SharedModel | tuple[Any, Any], config: AppConfig | None = 
     with gr.Blocks(title="LongLLaVA", delete_cache=(3600, 24 * 3600)) as app:
         gr.Markdown(f"## LongLLaVA: long visual inputs\nModel: `{shared.name}`. "
                     "Research use only, not for diagnosis.")
+        sample_events = []
         if len(kinds) == 1:
-            builders[kinds[0]](shared, config)
+            sample_events.append(builders[kinds[0]](shared, config))
         else:
             with gr.Tabs():
                 for kind in kinds:
                     with gr.Tab(TAB_TITLES[kind], elem_id=f"tab-{kind}"):
-                        builders[kind](shared, config)
+                        sample_events.append(builders[kind](shared, config))
+        if config.preload_samples:  # every new page opens with the samples loaded, ready to ask about
+            for event in sample_events:
+                app.load(**event, api_name=False)
     app.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.queue_max_size)
     return app
 

@@ -138,8 +138,8 @@ def draw_overlay(image: RSImage, referenced: list[tuple[int, int]] | None = None
             box = (col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1)
             draw.rectangle(box, outline=GRID_COLOUR, width=1)
             label = tile_label(*_display_index(row, col))
-            draw.text((box[0] + 3, box[1] + 2), label, fill=GRID_COLOUR, font=font, stroke_width=1,
-                      stroke_fill=(0, 0, 0))
+            draw.text((box[0] + 3, box[3] - 3), label, fill=GRID_COLOUR, font=font, stroke_width=1,
+                      stroke_fill=(0, 0, 0), anchor="ld")  # bottom-left: the page's label covers top-left
     for row, col in referenced or []:
         if 0 <= row < rows and 0 <= col < cols:
             box = (col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1)
@@ -201,8 +201,11 @@ def chat_history(image: RSImage | None) -> list[dict]:
 # ----------------------------------------------------------------------------- page
 
 
-def build_rs_tab(shared: SharedModel, config: AppConfig) -> None:
-    """Add the satellite app's components and events to the enclosing ``gr.Blocks``."""
+def build_rs_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
+    """Add the satellite app's components and events to the enclosing ``gr.Blocks``.
+
+    Returns the 'load sample' event (fn, inputs, outputs, queue) so a launcher can run it on page load.
+    """
     import gradio as gr
 
     from apps.samples import sample_raster
@@ -280,13 +283,4 @@ def build_rs_tab(shared: SharedModel, config: AppConfig) -> None:
                      outputs=[chatbot, status, question, image_state, overlay, geojson], **model_queue)
     ask_button.click(**ask_event, api_name="rs_ask")
     question.submit(**ask_event, api_name=False)
-
-
-def build_rs_app(shared: SharedModel, config: AppConfig):
-    """The satellite app on its own page (``longllava app rs``)."""
-    import gradio as gr
-
-    with gr.Blocks(title="LongLLaVA satellite") as app:
-        gr.Markdown(f"## LongLLaVA: satellite images\nModel: `{shared.name}`.")
-        build_rs_tab(shared, config)
-    return app
+    return dict(fn=on_sample, inputs=[], outputs=loaded_outputs, **load_queue)

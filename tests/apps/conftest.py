@@ -181,15 +181,33 @@ def start_server(model_dir: Path, workdir: Path, extra: list[str] | None = None)
     return AppServer(url=url, process=process, log_path=log_path, cache_dir=cache_dir)
 
 
-@pytest.fixture(scope="session")
-def app_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("apps-server"))
-    yield server
+def stop_server(server: AppServer) -> None:
     server.process.terminate()
     try:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("apps-server"))
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture()
+def app_server_factory(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Start extra servers with more CLI options; each is stopped after the test."""
+    started: list[AppServer] = []
+
+    def start(*extra: str) -> AppServer:
+        started.append(start_server(tiny_model_dir, tmp_path_factory.mktemp("apps-server"), list(extra)))
+        return started[-1]
+
+    yield start
+    for server in started:
+        stop_server(server)
 
 
 @pytest.fixture(scope="session")

@@ -141,3 +141,17 @@ def test_upload_over_the_size_limit_is_refused(page, study_files, tmp_path: Path
     expect()(page.get_by_text("exceed the maximum allowed size")).to_be_visible(timeout=LOAD_TIMEOUT_MS)
     upload(page, "ct-upload", [study_files.nifti])
     expect()(page.locator("#ct-status")).to_contain_text("Study loaded", timeout=LOAD_TIMEOUT_MS)
+
+
+def test_preloaded_samples_are_ready_to_ask(browser, app_server_factory, artifacts_dir: Path) -> None:
+    server = app_server_factory("--preload-samples")
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.goto(server.url)
+    expect()(page.locator("#ct-status")).to_contain_text("Sample study loaded", timeout=LOAD_TIMEOUT_MS)
+    ask(page, "ct", "Is there a lung nodule?")
+    page.get_by_role("tab", name="Satellite image").click()
+    expect()(page.locator("#rs-status")).to_contain_text("Sample image loaded", timeout=LOAD_TIMEOUT_MS)
+    ask(page, "rs", "How many ships are there?")
+    page.screenshot(path=str(artifacts_dir / "satellite_preloaded.png"), full_page=True)
+    context.close()

@@ -19,10 +19,11 @@
 
 Every ``image`` path is relative to DIR. Records carry ``layout``: ``series`` (CT: the slices of the
 study as an ordered series), ``grid`` (scene: thumbnail + tiles of ``tile_size``), ``images`` (NIAH:
-the list in ``images``). Slice numbers in answers are 1-based in the study's own slice order
-(inferior -> superior); a pipeline that resamples the series must map them
-(:func:`domain_data.synthetic.qa.map_slice_range`). Same seed and arguments -> byte-identical JSON/CSV
-and identical arrays.
+the list in ``images``). In every record the first human turn holds one ``<image>``, which stands
+for the whole study / scene / image list. Slice numbers in answers are 1-based in the study's own
+slice order (inferior -> superior); a pipeline that resamples the series must map them
+(:func:`domain_data.synthetic.qa.map_slice_range`). Same seed and arguments -> byte-identical
+JSON/CSV/NIfTI/DICOM and identical GeoTIFF arrays.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from domain_data.synthetic.niah import (
     needle_image,
 )
 from domain_data.synthetic.qa import (
+    IMAGE_PLACEHOLDER,
     ct_questions,
     ct_report,
     ct_report_question,
@@ -226,6 +228,10 @@ def _niah(out_dir: Path, cfg: BuildConfig) -> list[dict[str, Any]]:
                 "question": NIAH_QUESTION,
                 "answer": f"{colour} {shape}",
                 "kind": "niah",
+                "conversations": [
+                    {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{NIAH_QUESTION}"},
+                    {"from": "gpt", "value": f"{colour} {shape}"},
+                ],
             }
         )
     return records

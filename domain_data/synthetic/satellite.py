@@ -208,7 +208,9 @@ def _field_cells(height: int, width: int, rng: np.random.Generator) -> tuple[np.
     flat = rows_idx.astype(np.int32) * n_cells_c + cols_idx.astype(np.int32)
     patch_type = rng.integers(0, len(_FIELD_COLOURS), size=n_cells_r * n_cells_c)
     patch_shift = rng.uniform(-12, 12, size=(n_cells_r * n_cells_c, 3)).astype(np.float32)
-    return flat, np.stack([patch_type.astype(np.float32), *(_FIELD_COLOURS[patch_type] + patch_shift).T], axis=1)
+    return flat, np.stack(
+        [patch_type.astype(np.float32), *(_FIELD_COLOURS[patch_type] + patch_shift).T], axis=1
+    )
 
 
 def _background(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -76,6 +76,7 @@ def test_files_and_paths(built):
     for record in read_jsonl(out / "niah_test.jsonl"):
         assert len(record["images"]) == 6 and all((out / p).is_file() for p in record["images"])
         assert "needles" in record["images"][record["needle_index"]]
+        assert record["conversations"][1]["value"] == record["answer"]
     assert str(out) not in (out / "manifest.json").read_text()
 
 

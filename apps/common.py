@@ -159,13 +159,33 @@ def check_upload_size(paths: Iterable[Path], max_mb: float) -> None:
         )
 
 
+EXPORT_MAX_AGE_S = 24 * 3600
+
+
 def write_export(config: AppConfig, stem: str, suffix: str, text: str) -> Path:
-    """Write an export file under the app's cache dir with a fresh, non-identifying name."""
+    """Write an export file under the app's cache dir with a fresh, non-identifying name.
+
+    Export folders older than a day are removed on the way, so the cache does not grow forever.
+    """
+    remove_old_exports(config.export_dir(), EXPORT_MAX_AGE_S)
     folder = config.export_dir() / uuid.uuid4().hex[:12]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}{suffix}"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def remove_old_exports(root: Path, max_age_s: float) -> int:
+    """Delete export folders under ``root`` last modified more than ``max_age_s`` ago."""
+    import shutil
+
+    cutoff = time.time() - max_age_s
+    removed = 0
+    for folder in root.iterdir():
+        if folder.is_dir() and folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def timestamp() -> str:

@@ -215,3 +215,16 @@ def test_samples_are_generated_once(tmp_path: Path) -> None:
     stamp = ct.stat().st_mtime_ns, raster.stat().st_mtime_ns
     assert (sample_ct_study(tmp_path).stat().st_mtime_ns, sample_raster(tmp_path).stat().st_mtime_ns) == stamp
     assert not list(tmp_path.glob("partial-*"))
+
+
+def test_old_exports_are_removed(config) -> None:
+    import os
+    import time
+
+    from apps.common import write_export
+
+    old = write_export(config, "old", ".json", "{}")
+    past = time.time() - 2 * 24 * 3600
+    os.utime(old.parent, (past, past))
+    new = write_export(config, "new", ".json", "{}")
+    assert new.is_file() and not old.exists()

@@ -94,3 +94,20 @@ def test_processor_save_load_round_trip(tiny_processor, tiny_model_dir, images_f
     b = loaded(text=protocol.images_prompt(2), images=images)
     assert torch.equal(a["input_ids"], b["input_ids"])
     torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
+
+
+def test_non_square_images_are_padded_not_cropped(tiny_processor):
+    from PIL import Image
+
+    # A wide image: red left half, blue right half. Centre-cropping would lose the outer columns;
+    # padding keeps both colours and adds CLIP-mean bands on top and bottom.
+    wide = Image.new("RGB", (112, 56), (255, 0, 0))
+    wide.paste((0, 0, 255), (56, 0, 112, 56))
+    pixels = tiny_processor(text=protocol.images_prompt(1), images=[wide])["pixel_values"][0]
+    mean = torch.tensor(tiny_processor.image_processor.image_mean)
+    std = torch.tensor(tiny_processor.image_processor.image_std)
+    rgb = pixels * std[:, None, None] + mean[:, None, None]  # back to [0, 1]
+    assert rgb.shape == (3, 56, 56)
+    torch.testing.assert_close(rgb[:, 2, 28], mean, atol=0.02, rtol=0)  # top band: mean colour
+    torch.testing.assert_close(rgb[:, 28, 2], torch.tensor([1.0, 0.0, 0.0]), atol=0.02, rtol=0)  # left edge red
+    torch.testing.assert_close(rgb[:, 28, 53], torch.tensor([0.0, 0.0, 1.0]), atol=0.02, rtol=0)  # right edge blue

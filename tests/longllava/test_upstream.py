@@ -15,6 +15,7 @@ from longllava.cli import main
 from longllava.config import LongLlavaConfig
 from longllava.errors import ModelInputError
 from longllava.loading import build_model, load_model
+from longllava.modeling import LongLlavaForConditionalGeneration
 from longllava.upstream import convert_upstream
 
 POSITION_IDS = "model.vision_tower.vision_tower.vision_model.embeddings.position_ids"
@@ -145,3 +146,44 @@ def test_loading_an_upstream_folder_directly_says_convert(tokenizer, tmp_path):
     write_upstream_checkpoint(model, tokenizer, tmp_path)
     with pytest.raises(ModelInputError, match="convert-upstream"):
         load_model(tmp_path)
+
+
+def test_upstream_tokenizer_without_image_token_gets_one_and_a_larger_vocab(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # A tokenizer like Jamba's: bos/eos/pad but no <image>; vocabulary exactly as large as the model's.
+    base = Tokenizer(models.BPE())
+    base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    base.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|pad|>", "<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    base.train_from_iterator(["a ship in the harbor", "no pleural effusion"] * 20, trainer=trainer)
+    upstream_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+    config = LongLlavaConfig.from_preset("tiny")
+    config.text_config.vocab_size = len(upstream_tokenizer)  # full: <image> needs a new embedding row
+    torch.manual_seed(2)
+    model = LongLlavaForConditionalGeneration(config).eval()
+    src = tmp_path / "upstream"
+    src.mkdir()
+    write_upstream_checkpoint(model, upstream_tokenizer, src)
+
+    report = convert_upstream(src, tmp_path / "converted")
+    converted, processor = load_model(tmp_path / "converted")
+    assert report.added_image_token
+    image_id = processor.image_token_id
+    assert image_id == len(upstream_tokenizer) == converted.config.image_token_id
+    assert converted.config.text_config.vocab_size % 64 == 0 and converted.config.text_config.vocab_size > image_id
+    text_ids = upstream_tokenizer("a ship in the harbor", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=text_ids).logits
+        after = converted(input_ids=text_ids).logits
+    torch.testing.assert_close(after[..., : before.shape[-1]], before)  # same weights; lm_head has more rows
+    inputs = processor(text="<img><image></img> a ship", images=torch.zeros(1, 3, 56, 56))
+    assert int((inputs["input_ids"] == image_id).sum()) == 16
+    with torch.no_grad():
+        assert torch.isfinite(converted(**inputs).logits).all()

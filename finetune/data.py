@@ -164,8 +164,6 @@ def parse_record(raw: dict, where: str, root: Path, render_defaults: dict | None
         if not (isinstance(grid, list | tuple) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
             raise DataError(f"{where}: 'grid' must be [rows, cols] of positive integers, got {grid!r}")
         grid = (int(grid[0]), int(grid[1]))
-    if layout == "grid" and images and grid is None:
-        raise DataError(f"{where}: layout 'grid' with an image list needs 'grid': [rows, cols]")
     render = raw.get("render", {})
     if not isinstance(render, dict):
         raise DataError(f"{where}: 'render' must be an object of options, got {render!r}")
@@ -175,6 +173,8 @@ def parse_record(raw: dict, where: str, root: Path, render_defaults: dict | None
         ct, images = images[0], ()  # LLaVA-style record whose one "image" is a CT study
     if len(images) == 1 and layout == "grid" and grid is None:
         raster, images = images[0], ()  # one large image to tile
+    if layout == "grid" and images and grid is None:
+        raise DataError(f"{where}: layout 'grid' with an image list needs 'grid': [rows, cols]")
     if ct is not None:
         layout = "series"
     if raster is not None:

@@ -178,6 +178,8 @@ class LongLlavaConfig(LlavaConfig):
     pooling: str = "bilinear_2d"
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.pooled_grid, bool) or not isinstance(self.pooled_grid, int) or self.pooled_grid < 1:
+            raise ValueError(f"pooled_grid must be a positive integer, got {self.pooled_grid!r}")
         super().__post_init__(**kwargs)
         self.image_seq_length = self.pooled_grid**2
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from longllava.config import LongLlavaConfig
 from longllava.errors import ModelInputError
@@ -98,7 +99,7 @@ def load_model(
         loaded, info = LongLlavaForConditionalGeneration.from_pretrained(
             folder, dtype=torch_dtype if torch_dtype is not None else "auto", output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelInputError(f"cannot load the model in {folder}: {first_line}") from None
     _check_loading_info(folder, info)

@@ -40,6 +40,8 @@ def copy_model(src, dst):
         ("upstream_type", "convert-upstream"),
         ("no_weights", "no model.safetensors"),
         ("partial_weights", "lacks .* weights"),
+        ("corrupt_weights", "cannot load the model"),
+        ("bad_config_value", "pooled_grid must be a positive integer"),
         ("bad_dtype", "unknown dtype"),
     ],
 )
@@ -62,6 +64,12 @@ def test_bad_model_folders_are_one_line_errors(tiny_model_dir, tmp_path, breakag
         weights = load_file(folder / "model.safetensors")
         dropped = {k: v for k, v in weights.items() if "multi_modal_projector" not in k}
         save_file(dropped, folder / "model.safetensors", metadata={"format": "pt"})
+    elif breakage == "corrupt_weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[:1000])
+    elif breakage == "bad_config_value":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "pooled_grid": "x"}))
     elif breakage == "bad_dtype":
         dtype = "int3"
     with pytest.raises(ModelInputError, match=message) as raised:

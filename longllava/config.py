@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -223,6 +224,18 @@ class LongLlavaConfig(LlavaConfig):
             **preset["text"], pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID
         )
         return cls(vision_config=vision, text_config=text, pooled_grid=preset["pooled_grid"], **overrides)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> LongLlavaConfig:
+        """A config from a ``config.json`` file or a folder holding one (ModelInputError if unreadable)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ModelInputError(f"config file {file} does not exist")
+        try:
+            return cls.from_json_file(str(file))
+        except (OSError, ValueError, TypeError) as error:
+            raise ModelInputError(f"{file} is not a valid LongLLaVA config ({error})") from None
 
 
 AutoConfig.register(LongLlavaConfig.model_type, LongLlavaConfig, exist_ok=True)

@@ -58,3 +58,16 @@ def test_config_round_trip_and_auto_config(tmp_path):
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(ModelInputError, match="unknown preset 'huge'"):
         LongLlavaConfig.from_preset("huge")
+
+
+def test_from_file_reads_a_folder_or_file_and_rejects_garbage(tmp_path):
+    config = LongLlavaConfig.from_preset("demo")
+    config.save_pretrained(tmp_path)
+    for source in (tmp_path, tmp_path / "config.json"):
+        loaded = LongLlavaConfig.from_file(source)
+        assert loaded.tokens_per_image == 25 and loaded.text_config.hidden_size == 256
+    (tmp_path / "bad.json").write_bytes(b"\x89PNG")
+    with pytest.raises(ModelInputError, match="bad.json is not a valid LongLLaVA config"):
+        LongLlavaConfig.from_file(tmp_path / "bad.json")
+    with pytest.raises(ModelInputError, match="does not exist"):
+        LongLlavaConfig.from_file(tmp_path / "missing.json")

@@ -92,3 +92,20 @@ def test_save_load_round_trip_gives_identical_logits(tiny_model, tiny_processor,
     assert isinstance(reloaded, LongLlavaForConditionalGeneration)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, tiny_model(**inputs).logits, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_forward_matches_cpu(tiny_model, tiny_processor, images_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    inputs = chat_inputs(tiny_processor, images_factory(3))
+    with torch.no_grad():
+        expected = tiny_model(**inputs).logits
+        gpu_model = LongLlavaForConditionalGeneration(tiny_model.config).to("cuda", torch.bfloat16).eval()
+        gpu_model.load_state_dict(tiny_model.state_dict())
+        on_gpu = {k: v.to("cuda") for k, v in inputs.items()}
+        on_gpu["pixel_values"] = on_gpu["pixel_values"].to(torch.bfloat16)
+        got = gpu_model(**on_gpu).logits.float().cpu()
+        generated = gpu_model.generate(**on_gpu, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -433,16 +433,34 @@ def _render_emphysema(labels, grid, params, rng) -> Finding:
     )
 
 
+def _consolidation_region(labels, grid, side, rng, min_ml: float) -> tuple[tuple[slice, ...], np.ndarray]:
+    """One connected consolidation region of at least ``min_ml`` on ``side``: (box, mask in box)."""
+    from scipy import ndimage
+
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    for _ in range(50):
+        centre = _random_lung_point(labels, grid, side, rng, t_range=(0.3, 0.7))
+        if centre is None:
+            break
+        box, blob = _ellipsoid_in_box(centre, rng.uniform(18.0, 30.0, size=3), grid.spacing, labels.shape)
+        # keep 4 px of lung from the heart: a consolidation abutting it would read as a larger heart
+        region = blob & (labels[box] == LABELS["lung"]) & ~_dilate_inplane(labels[box] == LABELS["heart"], 4)
+        pieces, n = ndimage.label(region)
+        if n == 0:
+            continue
+        largest = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
+        if largest.sum() * voxel_ml >= min_ml:
+            return box, largest
+    raise SyntheticDataError(
+        f"could not place a consolidation of {min_ml} ml on the {side} side: lung too small"
+    )
+
+
 def _render_consolidation(labels, grid, params, rng) -> Finding:
     sides = _sides_for(params.get("side"), rng)
     mask_all = np.zeros(labels.shape, dtype=bool)
     for side in sides:
-        centre = _random_lung_point(labels, grid, side, rng, t_range=(0.3, 0.7))
-        if centre is None:
-            raise SyntheticDataError(f"could not place consolidation on the {side} side")
-        radii = rng.uniform(18.0, 30.0, size=3)
-        box, blob = _ellipsoid_in_box(centre, radii, grid.spacing, labels.shape)
-        region = blob & (labels[box] == LABELS["lung"])
+        box, region = _consolidation_region(labels, grid, side, rng, float(params.get("min_ml", 5.0)))
         labels[box][region] = LABELS["consolidation"]
         mask_all[box] |= region
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
@@ -453,6 +471,17 @@ def _render_consolidation(labels, grid, params, rng) -> Finding:
         slices=_slice_range(mask_all),
         details={"volume_ml": round(float(mask_all.sum()) * voxel_ml, 1)},
     )
+
+
+def _dilate_inplane(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of a (z, y, x) mask by a square of ``radius`` pixels in each slice."""
+    out = mask.copy()
+    ny, nx = mask.shape[1:]
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            src = mask[:, max(-dy, 0) : ny - max(dy, 0), max(-dx, 0) : nx - max(dx, 0)]
+            out[:, max(dy, 0) : ny - max(-dy, 0), max(dx, 0) : nx - max(-dx, 0)] |= src
+    return out
 
 
 def _cardiothoracic_ratio(labels: np.ndarray) -> tuple[float, tuple[int, int] | None]:
@@ -510,7 +539,7 @@ def make_ct_phantom(
     renders those with seeded parameters; a mapping ``{name: params}`` fixes parameters
     (``Lung nodule``: ``count`` or ``count_range`` (1, 4), ``side``, ``radius_mm`` or ``radius_range_mm``
     (3.5, 7.0); ``Pleural effusion``: ``side``, ``height``,
-    ``depth``; ``Emphysema``: ``side``, ``patches``; ``Consolidation``: ``side``; sides are
+    ``depth``; ``Emphysema``: ``side``, ``patches``; ``Consolidation``: ``side``, ``min_ml`` (5); sides are
     ``left``/``right``/``both``). ``finding_params`` gives default parameters per finding, used for
     drawn and listed findings alike (e.g. larger nodules for a small demo model). ``n_slices`` defaults
     to a seeded draw in 100-300.

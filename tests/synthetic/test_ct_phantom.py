@@ -202,3 +202,28 @@ def test_bad_requests_are_user_errors(kwargs):
     with pytest.raises(SyntheticDataError) as error:
         make_ct_phantom(0, **{"n_slices": 20, "size": 48, **kwargs})
     assert isinstance(error.value, UserInputError)
+
+
+def measure_findings(phantom) -> dict[str, bool]:
+    """Each finding judged from HU alone inside the lung field (and the rib cage for the heart)."""
+    field = lung_field(phantom)
+    dense = field & (phantom.hu > -400)
+    components, n = ndimage.label(dense)
+    index = range(1, n + 1)
+    volume_ml = np.asarray(ndimage.sum(dense, components, index)) * np.prod(phantom.spacing) / 1000
+    mean_hu = np.asarray(ndimage.mean(phantom.hu, components, index)) if n else np.zeros(0)
+    return {
+        "Lung nodule": bool(np.any((volume_ml < 2.5) & (mean_hu > 21))),
+        "Pleural effusion": bool(np.any((volume_ml > 1.0) & (mean_hu < 21))),
+        "Cardiomegaly": cardiothoracic_ratio(phantom) > 0.5,
+        "Emphysema": np.count_nonzero(field & (phantom.hu < -950)) / field.sum() > 0.005,
+        "Consolidation": bool(np.any((volume_ml >= 2.5) & (mean_hu > 21))),
+    }
+
+
+@pytest.mark.parametrize("name", [None, *RENDERABLE_FINDINGS])
+def test_only_the_declared_finding_is_measurable(name):
+    phantom = make_ct_phantom(70, findings=[name] if name else [], n_slices=SLICES, size=SIZE)
+    measured = measure_findings(phantom)
+    declared = {finding: phantom.findings[finding].present for finding in RENDERABLE_FINDINGS}
+    assert measured == declared

@@ -217,10 +217,48 @@ def rss_mb(pid: int | None = None) -> float:
     return psutil.Process(pid or os.getpid()).memory_info().rss / 2**20
 
 
-def progress_bridge(progress: Callable) -> Callable[[int, int, str], None]:
+def progress_bridge(progress: Callable | None) -> Callable[[int, int, str], None] | None:
     """Adapt a ``gr.Progress`` to the engine's ``(done, total, what)`` progress callback."""
+    if progress is None:
+        return None
 
     def report(done: int, total: int, what: str) -> None:
         progress((done, max(total, 1)), desc=what, unit="images")
 
     return report
+
+
+def with_progress(handler: Callable) -> Callable:
+    """Expose ``handler``'s ``progress`` parameter to Gradio as a ``gr.Progress`` tracker.
+
+    Handlers declare ``progress: Any = None`` so they stay callable (and testable) without Gradio;
+    Gradio injects a tracker where the signature's default is a ``gr.Progress``.
+    """
+    import inspect
+
+    import gradio as gr
+
+    signature = inspect.signature(handler)
+    parameters = [p.replace(default=gr.Progress()) if p.name == "progress" else p
+                  for p in signature.parameters.values()]
+
+    if inspect.isgeneratorfunction(handler):
+
+        @functools.wraps(handler)
+        def wrapper(*args: Any, **kwargs: Any):
+            yield from handler(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(handler)
+        def wrapper(*args: Any, **kwargs: Any):
+            return handler(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return wrapper
+
+
+def report_progress(progress: Callable | None, fraction: float, what: str) -> None:
+    """Update a progress tracker if there is one."""
+    if progress is not None:
+        progress(fraction, desc=what)

@@ -28,7 +28,11 @@ from apps.common import (
     progress_bridge,
     timestamp,
     upload_paths,
+    with_progress,
     write_export,
+)
+from apps.common import (
+    report_progress as _report,
 )
 from apps.engine import LOAD_QUEUE, MODEL_QUEUE, VIEW_CONCURRENCY, VIEW_QUEUE, SharedModel, stream_answer
 
@@ -289,6 +293,90 @@ def write_exports(study: CTStudy, config: AppConfig, model_name: str) -> list[st
 # ----------------------------------------------------------------------------- page
 
 
+class CTHandlers:
+    """The CT page's event handlers; each returns (or yields) one value per output component."""
+
+    def __init__(self, shared: SharedModel, config: AppConfig) -> None:
+        self.shared = shared
+        self.config = config
+        self.image_size = config.image_size or shared.image_size()
+
+    def loaded(self, study: CTStudy, window_name: str, note: str) -> tuple:
+        """Outputs after a study loads: state, status, summary, slider, slice, montage, chat, findings."""
+        import gradio as gr
+
+        depth = study.viewer_hu.shape[0]
+        middle = depth // 2
+        LOG.info("ct study loaded: %d slices, %d for the model", depth, len(study.model_slices))
+        slider = gr.Slider(minimum=0, maximum=max(depth - 1, 1), value=middle, step=1)
+        return (study, f"{note} {len(study.model_slices)} slices ready for the model.", summary_markdown(study),
+                slider, slice_view(study, middle, window_name), montage_view(study, window_name), [], None)
+
+    def on_upload(self, files: Any, window_name: str, progress: Any = None) -> tuple:
+        _report(progress, 0.1, "Reading the study")
+        study = load_study(upload_paths(files), self.config, self.image_size)
+        return self.loaded(study, window_name, "Study loaded.")
+
+    def on_sample(self, window_name: str, progress: Any = None) -> tuple:
+        from apps.samples import sample_ct_study
+
+        _report(progress, 0.1, "Preparing the sample study")
+        study = load_study([sample_ct_study(self.config.sample_dir())], self.config, self.image_size)
+        return self.loaded(study, window_name, "Sample study loaded (synthetic phantom).")
+
+    def on_view(self, study: CTStudy | None, index: float, window_name: str) -> tuple:
+        import gradio as gr
+
+        if study is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return slice_view(study, int(index), window_name), montage_view(study, window_name), gr.skip()
+
+    def on_ask(self, study: CTStudy | None, text: str, progress: Any = None):
+        """Stream the answer: yields (chat, status, question box, state)."""
+        study = _require_study(study)
+        text = (text or "").strip()
+        if not text:
+            raise AppInputError("type a question about the study first")
+        history = chat_history(study) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        count = len(study.model_slices)
+        _report(progress, 0.0, f"Encoding {count} slices")
+        yield history, f"Encoding {count} slices and answering…", "", study
+        started = time.perf_counter()
+        answer = ""
+        for piece in stream_answer(self.shared, model_messages(study, text), study.model_slices,
+                                   self.config.max_new_tokens, progress_bridge(progress)):
+            answer += piece
+            history[-1] = {"role": "assistant", "content": answer}
+            yield history, f"Answering… ({len(answer)} characters)", "", study
+        answer = answer.strip() or "(the model returned no text)"
+        study.turns.append((text, answer))
+        history[-1] = {"role": "assistant", "content": answer}
+        took = time.perf_counter() - started
+        LOG.info("ct answer: %d characters in %.1f s", len(answer), took)
+        yield history, f"Answered in {took:.1f} s.", "", study
+
+    def on_findings(self, study: CTStudy | None, progress: Any = None):
+        """Run the 18-abnormality checklist: yields (table, status, state, exports)."""
+        import gradio as gr
+
+        study = _require_study(study)
+        count = len(study.model_slices)
+        _report(progress, 0.0, f"Encoding {count} slices")
+        yield gr.skip(), f"Running the findings checklist over {count} slices…", study, gr.skip()
+        messages = [{"role": "user", "content": f"{study.visual_prompt}\n{findings_question()}"}]
+        raw = "".join(stream_answer(self.shared, messages, study.model_slices,
+                                    self.config.findings_max_new_tokens, progress_bridge(progress)))
+        study.findings_raw = raw
+        study.findings = findings_table(raw)
+        rows = [[name, label] for name, label in study.findings.items()]
+        present = sum(label == "present" for label in study.findings.values())
+        yield rows, f"Findings checklist done: {present} of {len(rows)} marked present.", study, gr.skip()
+
+    def on_export(self, study: CTStudy | None) -> tuple:
+        study = _require_study(study)
+        return write_exports(study, self.config, self.shared.name), "Exported conversation and findings."
+
+
 def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     """Add the CT app's components and events to the enclosing ``gr.Blocks``.
 
@@ -296,9 +384,7 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     """
     import gradio as gr
 
-    from apps.samples import sample_ct_study
-
-    image_size = config.image_size or shared.image_size()
+    handlers = CTHandlers(shared, config)
     study_state = gr.State(None)
     with gr.Row():
         with gr.Column(scale=1):
@@ -328,86 +414,12 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
                       elem_id="ct-exports", height=120)
 
     loaded_outputs = [study_state, status, summary, slice_index, view, montage_image, chatbot, findings]
-
-    def loaded(study: CTStudy, window_name: str, note: str) -> tuple:
-        depth = study.viewer_hu.shape[0]
-        middle = depth // 2
-        LOG.info("ct study loaded: %d slices, %d for the model", depth, len(study.model_slices))
-        return (
-            study,
-            f"{note} {len(study.model_slices)} slices ready for the model.",
-            summary_markdown(study),
-            gr.Slider(minimum=0, maximum=max(depth - 1, 1), value=middle, step=1),
-            slice_view(study, middle, window_name),
-            montage_view(study, window_name),
-            [],
-            None,
-        )
-
-    @guarded("load CT study", len(loaded_outputs), 1)
-    def on_upload(files: Any, window_name: str, progress: gr.Progress = gr.Progress()) -> tuple:
-        progress(0.1, desc="Reading the study")
-        study = load_study(upload_paths(files), config, image_size)
-        return loaded(study, window_name, "Study loaded.")
-
-    @guarded("load sample CT study", len(loaded_outputs), 1)
-    def on_sample(window_name: str, progress: gr.Progress = gr.Progress()) -> tuple:
-        progress(0.1, desc="Preparing the sample study")
-        study = load_study([sample_ct_study(config.sample_dir())], config, image_size)
-        return loaded(study, window_name, "Sample study loaded (synthetic phantom).")
-
-    @guarded("show CT slice", 3, 2)
-    def on_view(study: CTStudy | None, index: float, window_name: str) -> tuple:
-        if study is None:
-            return gr.skip(), gr.skip(), gr.skip()
-        return slice_view(study, int(index), window_name), montage_view(study, window_name), gr.skip()
-
-    @guarded("answer CT question", 4, 1)
-    def on_ask(study: CTStudy | None, text: str, progress: gr.Progress = gr.Progress()):
-        study = _require_study(study)
-        text = (text or "").strip()
-        if not text:
-            raise AppInputError("type a question about the study first")
-        yield from _answer(study, text, progress)
-
-    def _answer(study: CTStudy, text: str, progress: gr.Progress):
-        history = chat_history(study) + [{"role": "user", "content": text},
-                                         {"role": "assistant", "content": ""}]
-        count = len(study.model_slices)
-        progress(0, desc=f"Encoding {count} slices")
-        yield history, f"Encoding {count} slices and answering…", "", study
-        started = time.perf_counter()
-        answer = ""
-        for piece in stream_answer(shared, model_messages(study, text), study.model_slices,
-                                   config.max_new_tokens, progress_bridge(progress)):
-            answer += piece
-            history[-1] = {"role": "assistant", "content": answer}
-            yield history, f"Answering… ({len(answer)} characters)", "", study
-        answer = answer.strip() or "(the model returned no text)"
-        study.turns.append((text, answer))
-        history[-1] = {"role": "assistant", "content": answer}
-        LOG.info("ct answer: %d characters in %.1f s", len(answer), time.perf_counter() - started)
-        yield history, f"Answered in {time.perf_counter() - started:.1f} s.", "", study
-
-    @guarded("run findings checklist", 4, 1)
-    def on_findings(study: CTStudy | None, progress: gr.Progress = gr.Progress()):
-        study = _require_study(study)
-        count = len(study.model_slices)
-        progress(0, desc=f"Encoding {count} slices")
-        yield gr.skip(), f"Running the findings checklist over {count} slices…", study, gr.skip()
-        messages = [{"role": "user", "content": f"{study.visual_prompt}\n{findings_question()}"}]
-        raw = "".join(stream_answer(shared, messages, study.model_slices, config.findings_max_new_tokens,
-                                    progress_bridge(progress)))
-        study.findings_raw = raw
-        study.findings = findings_table(raw)
-        rows = [[name, label] for name, label in study.findings.items()]
-        present = sum(label == "present" for label in study.findings.values())
-        yield rows, f"Findings checklist done: {present} of {len(rows)} marked present.", study, gr.skip()
-
-    @guarded("export CT conversation", 2, 1)
-    def on_export(study: CTStudy | None) -> tuple:
-        study = _require_study(study)
-        return write_exports(study, config, shared.name), "Exported conversation and findings."
+    on_upload = guarded("load CT study", len(loaded_outputs), 1)(with_progress(handlers.on_upload))
+    on_sample = guarded("load sample CT study", len(loaded_outputs), 1)(with_progress(handlers.on_sample))
+    on_view = guarded("show CT slice", 3, 2)(handlers.on_view)
+    on_ask = guarded("answer CT question", 4, 1)(with_progress(handlers.on_ask))
+    on_findings = guarded("run findings checklist", 4, 1)(with_progress(handlers.on_findings))
+    on_export = guarded("export CT conversation", 2, 1)(handlers.on_export)
 
     model_queue = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=config.concurrency_limit)
     load_queue = dict(concurrency_id=LOAD_QUEUE, concurrency_limit=config.concurrency_limit)

@@ -23,7 +23,9 @@ from apps.common import (
     check_upload_size,
     guarded,
     progress_bridge,
+    report_progress,
     upload_paths,
+    with_progress,
     write_export,
 )
 from apps.engine import LOAD_QUEUE, MODEL_QUEUE, SharedModel, stream_answer
@@ -201,6 +203,63 @@ def chat_history(image: RSImage | None) -> list[dict]:
 # ----------------------------------------------------------------------------- page
 
 
+class RSHandlers:
+    """The satellite page's event handlers; each returns (or yields) one value per output component."""
+
+    def __init__(self, shared: SharedModel, config: AppConfig) -> None:
+        self.shared = shared
+        self.config = config
+        self.tile_size = config.image_size or shared.image_size()
+
+    def loaded(self, image: RSImage, note: str) -> tuple:
+        """Outputs after an image loads: state, status, info, overlay, chat, GeoJSON file."""
+        rows, cols = image.grid
+        LOG.info("raster loaded: grid %dx%d", rows, cols)
+        status = f"{note} {rows * cols} tiles + thumbnail ready for the model."
+        return image, status, info_markdown(image), draw_overlay(image), [], None
+
+    def on_upload(self, file: Any, progress: Any = None) -> tuple:
+        report_progress(progress, 0.1, "Reading and tiling the image")
+        return self.loaded(load_image(upload_paths(file), self.config, self.tile_size), "Image loaded.")
+
+    def on_sample(self, progress: Any = None) -> tuple:
+        from apps.samples import sample_raster
+
+        report_progress(progress, 0.1, "Preparing the sample image")
+        image = load_image([sample_raster(self.config.sample_dir())], self.config, self.tile_size)
+        return self.loaded(image, "Sample image loaded (synthetic scene).")
+
+    def on_ask(self, image: RSImage | None, text: str, progress: Any = None):
+        """Stream the answer: yields (chat, status, question box, state, overlay, GeoJSON file)."""
+        import gradio as gr
+
+        if image is None:
+            raise AppInputError("no image loaded yet: upload an image or click 'Load sample image' first")
+        text = (text or "").strip()
+        if not text:
+            raise AppInputError("type a question about the image first")
+        history = chat_history(image) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        count = len(image.tile_images) + 1
+        report_progress(progress, 0.0, f"Encoding {count} images")
+        yield history, f"Encoding {count} images and answering…", "", image, gr.skip(), gr.skip()
+        started = time.perf_counter()
+        answer = ""
+        for piece in stream_answer(self.shared, model_messages(image, text), image.model_images(),
+                                   self.config.max_new_tokens, progress_bridge(progress)):
+            answer += piece
+            history[-1] = {"role": "assistant", "content": answer}
+            yield history, f"Answering… ({len(answer)} characters)", "", image, gr.skip(), gr.skip()
+        answer = answer.strip() or "(the model returned no text)"
+        image.turns.append((text, answer))
+        image.referenced = referenced_tiles(answer, image)
+        history[-1] = {"role": "assistant", "content": answer}
+        path, features = geojson_export(answer, image, self.config)
+        took = time.perf_counter() - started
+        note = (f"Answered in {took:.1f} s; {len(image.referenced)} tile(s) referenced, "
+                f"{features} GeoJSON feature(s).")
+        yield history, note, "", image, draw_overlay(image, image.referenced), path
+
+
 def build_rs_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     """Add the satellite app's components and events to the enclosing ``gr.Blocks``.
 
@@ -208,9 +267,7 @@ def build_rs_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     """
     import gradio as gr
 
-    from apps.samples import sample_raster
-
-    tile_size = config.image_size or shared.image_size()
+    handlers = RSHandlers(shared, config)
     image_state = gr.State(None)
     with gr.Row():
         with gr.Column(scale=1):
@@ -229,51 +286,9 @@ def build_rs_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
         ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="rs-ask")
 
     loaded_outputs = [image_state, status, info, overlay, chatbot, geojson]
-
-    def loaded(image: RSImage, note: str) -> tuple:
-        rows, cols = image.grid
-        LOG.info("raster loaded: grid %dx%d", rows, cols)
-        return image, f"{note} {rows * cols} tiles + thumbnail ready for the model.", info_markdown(image), \
-            draw_overlay(image), [], None
-
-    @guarded("load raster", len(loaded_outputs), 1)
-    def on_upload(file: Any, progress: gr.Progress = gr.Progress()) -> tuple:
-        progress(0.1, desc="Reading and tiling the image")
-        return loaded(load_image(upload_paths(file), config, tile_size), "Image loaded.")
-
-    @guarded("load sample raster", len(loaded_outputs), 1)
-    def on_sample(progress: gr.Progress = gr.Progress()) -> tuple:
-        progress(0.1, desc="Preparing the sample image")
-        return loaded(load_image([sample_raster(config.sample_dir())], config, tile_size),
-                      "Sample image loaded (synthetic scene).")
-
-    @guarded("answer raster question", 6, 1)
-    def on_ask(image: RSImage | None, text: str, progress: gr.Progress = gr.Progress()):
-        if image is None:
-            raise AppInputError("no image loaded yet: upload an image or click 'Load sample image' first")
-        text = (text or "").strip()
-        if not text:
-            raise AppInputError("type a question about the image first")
-        history = chat_history(image) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        count = len(image.tiled.tiles) + 1
-        progress(0, desc=f"Encoding {count} images")
-        yield history, f"Encoding {count} images and answering…", "", image, gr.skip(), gr.skip()
-        started = time.perf_counter()
-        answer = ""
-        for piece in stream_answer(shared, model_messages(image, text), image.model_images(),
-                                   config.max_new_tokens, progress_bridge(progress)):
-            answer += piece
-            history[-1] = {"role": "assistant", "content": answer}
-            yield history, f"Answering… ({len(answer)} characters)", "", image, gr.skip(), gr.skip()
-        answer = answer.strip() or "(the model returned no text)"
-        image.turns.append((text, answer))
-        image.referenced = referenced_tiles(answer, image)
-        history[-1] = {"role": "assistant", "content": answer}
-        path, features = geojson_export(answer, image, config)
-        took = time.perf_counter() - started
-        note = (f"Answered in {took:.1f} s; {len(image.referenced)} tile(s) referenced, "
-                f"{features} GeoJSON feature(s).")
-        yield history, note, "", image, draw_overlay(image, image.referenced), path
+    on_upload = guarded("load raster", len(loaded_outputs), 1)(with_progress(handlers.on_upload))
+    on_sample = guarded("load sample raster", len(loaded_outputs), 1)(with_progress(handlers.on_sample))
+    on_ask = guarded("answer raster question", 6, 1)(with_progress(handlers.on_ask))
 
     model_queue = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=config.concurrency_limit)
     load_queue = dict(concurrency_id=LOAD_QUEUE, concurrency_limit=config.concurrency_limit)

@@ -153,6 +153,10 @@ def test_cli_refuses_public_address_without_login(monkeypatch, capsys, tmp_path:
 
 
 def test_build_app_both_tabs_one_model_and_queue(tiny_model_dir: Path, config) -> None:
+    import inspect
+
+    import gradio as gr
+
     from apps.engine import load_shared_model
     from apps.launcher import build_app
 
@@ -166,6 +170,10 @@ def test_build_app_both_tabs_one_model_and_queue(tiny_model_dir: Path, config) -
     assert {"ct_upload", "ct_ask", "ct_findings", "ct_export", "rs_upload", "rs_ask"} <= set(by_name)
     for name in ("ct_ask", "ct_findings", "rs_ask"):  # one model-call limit across both tabs
         assert (by_name[name].concurrency_id, by_name[name].concurrency_limit) == ("model", 3)
+    for name in ("ct_upload", "ct_ask", "ct_findings", "rs_upload", "rs_ask"):  # Gradio injects a tracker
+        fn = by_name[name].fn
+        assert isinstance(inspect.signature(fn).parameters["progress"].default, gr.Progress), name
+    assert inspect.isgeneratorfunction(by_name["ct_ask"].fn)  # streamed
     with pytest.raises(AppInputError, match="unknown app"):
         build_app(shared, config, kinds=("mri",))
 

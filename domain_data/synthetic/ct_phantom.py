@@ -172,10 +172,6 @@ class _Grid:
     t: np.ndarray  # (Z, 1, 1)
     spacing: tuple[float, float, float]
 
-    @property
-    def mm_per_u(self) -> float:
-        return FOV_XY_MM / 2
-
 
 def _make_grid(n_slices: int, size: int, spacing: tuple[float, float, float]) -> _Grid:
     u = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1).reshape(1, 1, size)

@@ -16,7 +16,7 @@ bytes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,6 @@ class DicomSeries:
     positions: list[tuple[float, float, float]]
     localizer: Path | None = None
     transfer_syntax: str = TRANSFER_SYNTAXES["explicit"]
-    extra: dict = field(default_factory=dict)
 
 
 def _uid(uid_seed: str, *parts: object) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,8 @@ def tile_of(
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One object: centre (x, y) in source pixels, size, angle, and its pixel bounding box (end-exclusive)."""
+    """One object: centre (x, y) in source pixels, size, angle, and the tight pixel bounding box
+    (end-exclusive) of everything painted for it, shadow included."""
 
     kind: str
     cx: float
@@ -137,7 +138,6 @@ class Scene:
     classes: np.ndarray
     objects: list[SceneObject]
     tile_size: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def height(self) -> int:
@@ -374,11 +374,12 @@ def _place_in_tile(kind, tile, classes, colour, grid, rng, scale) -> SceneObject
         cx, cy = int(rng.integers(lo_x, hi_x)), int(rng.integers(lo_y, hi_y))
         box = (slice(cy - half, cy + half + 1), slice(cx - half, cx + half + 1))
         region = classes[box]
-        # the whole footprint (plus 3 px) must be free ground of the right class
+        # the whole footprint must be free ground of the right class, 3 px clear of other objects
         if not np.all(np.isin(region[shape["mask"]], allowed)):
             continue
         if _touches_object(classes, cx, cy, half + 3):
             continue
+        rows, cols = np.nonzero(shape["mask"])
         _paint_object(colour, shape, cx, cy, rng)
         region[shape["mask"]] = CLASSES["object"]
         return SceneObject(
@@ -388,7 +389,12 @@ def _place_in_tile(kind, tile, classes, colour, grid, rng, scale) -> SceneObject
             length=float(shape["length"]),
             width=float(shape["width"]),
             angle_deg=float(shape["angle"]),
-            bbox=(cx - half, cy - half, cx + half + 1, cy + half + 1),
+            bbox=(  # tight box of the painted footprint (shadow included)
+                cx - half + int(cols.min()),
+                cy - half + int(rows.min()),
+                cx - half + int(cols.max()) + 1,
+                cy - half + int(rows.max()) + 1,
+            ),
         )
     raise SyntheticDataError(
         f"could not place a {kind} in tile (row {tile[0]}, column {tile[1]}): tile too crowded"

@@ -80,6 +80,10 @@ def test_objects_counted_and_wholly_inside_one_tile(scene):
         bx0, by0, bx1, by1 = obj.bbox
         painted[by0:by1, bx0:bx1] = True
     assert objects[~painted].sum() == 0
+    for obj in scene.objects:  # the boxes are tight: every edge row / column holds object pixels
+        bx0, by0, bx1, by1 = obj.bbox
+        box = objects[by0:by1, bx0:bx1]
+        assert box[0].any() and box[-1].any() and box[:, 0].any() and box[:, -1].any()
 
 
 def test_ships_on_water_and_land_objects_on_land(scene):

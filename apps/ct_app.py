@@ -84,6 +84,12 @@ def stage_upload(paths: list[Path], workdir: Path) -> Path:
                             "or several DICOM files")
     if len(paths) == 1:
         return paths[0]
+    single_file_kinds = [p.name for p in paths if p.name.lower().endswith((".nii", ".nii.gz", ".zip"))]
+    if single_file_kinds:
+        raise AppInputError(
+            f"{len(paths)} files uploaded, including {single_file_kinds[0]}: upload one NIfTI file or one "
+            ".zip at a time; several files are read as the DICOM slices of one series"
+        )
     folder = workdir / "series"
     folder.mkdir(parents=True, exist_ok=True)
     for index, path in enumerate(paths):

@@ -90,6 +90,9 @@ def test_upload_limit_and_empty_upload(study_files, config) -> None:
     with pytest.raises(AppInputError, match="no file uploaded"):
         load_study([], config, image_size=56)
     check_upload_size([study_files.bad_file], max_mb=1.0)  # small files pass
+    config.max_upload_mb = 100
+    with pytest.raises(AppInputError, match="one NIfTI file or one .zip at a time"):
+        load_study([study_files.nifti, *study_files.other_niftis[:1]], config, image_size=56)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -315,3 +315,22 @@ def read_series_hu(folder: str | Path, series_uid: str | None = None) -> tuple[n
         raise SyntheticDataError(f"no CT slices found in {folder}")
     slices.sort(key=lambda item: item[0])
     return np.stack([s[1] for s in slices]), np.array([s[0] for s in slices])
+
+
+def zip_series(folder: str | Path, zip_path: str | Path, arc_prefix: str = "") -> Path:
+    """Zip the ``.dcm`` files of ``folder`` reproducibly (sorted names, fixed timestamps), as an upload
+    would arrive; ``arc_prefix`` puts them under a folder inside the archive."""
+    import zipfile
+
+    folder, zip_path = Path(folder), Path(zip_path)
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        raise SyntheticDataError(f"no .dcm files in {folder} to zip")
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in files:
+            info = zipfile.ZipInfo(f"{arc_prefix}{path.name}", date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, path.read_bytes())
+    return zip_path

@@ -153,3 +153,24 @@ def test_load_ct_reads_messy_dicom_series_like_the_nifti(phantom, tmp_path):
     np.testing.assert_allclose(volume.affine, nifti.affine, atol=1e-3)
     text = json.dumps(volume.metadata, default=str)
     assert not any(identifier in text for identifier in patient.identifiers())
+
+
+def test_zip_series_is_reproducible(phantom, tmp_path):
+    from domain_data.synthetic.dicom_writer import zip_series
+
+    write_dicom_series(phantom, tmp_path / "s")
+    a = zip_series(tmp_path / "s", tmp_path / "a.zip", arc_prefix="study/")
+    b = zip_series(tmp_path / "s", tmp_path / "b.zip", arc_prefix="study/")
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(SyntheticDataError):
+        zip_series(tmp_path / "empty", tmp_path / "c.zip")
+
+
+@needs_load_ct
+def test_load_ct_reads_the_zipped_series(phantom, tmp_path):
+    from domain_data.medical.ct import load_ct
+    from domain_data.synthetic.dicom_writer import zip_series
+
+    write_dicom_series(phantom, tmp_path / "s", shuffle_files=True)
+    volume = load_ct(zip_series(tmp_path / "s", tmp_path / "study.zip", arc_prefix="study/"))
+    np.testing.assert_array_equal(volume.hu, expected_hu(phantom))

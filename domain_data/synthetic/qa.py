@@ -233,7 +233,7 @@ def scene_questions(
         rows, cols = sorted({r for r, _ in tiles}), sorted({c for _, c in tiles})
         questions.append(
             _q(
-                f"Which row of tiles (1 = top) contains the {plural}? Answer with the row number.",
+                f"Which row of tiles (1 = top) contains {plural}? Answer with the row number(s).",
                 _join_numbers(rows),
                 "row",
                 object=kind,
@@ -241,7 +241,7 @@ def scene_questions(
         )
         questions.append(
             _q(
-                f"Which column of tiles (1 = left) contains the {plural}? Answer with the column number.",
+                f"Which column of tiles (1 = left) contains {plural}? Answer with the column number(s).",
                 _join_numbers(cols),
                 "column",
                 object=kind,
@@ -250,7 +250,7 @@ def scene_questions(
         if len(tiles) == 1:
             questions.append(
                 _q(
-                    f"In which tile are the {plural}? Answer as row R, column C.",
+                    f"Which tile contains {plural}? Answer as row R, column C.",
                     f"row {tiles[0][0]}, column {tiles[0][1]}",
                     "tile",
                     object=kind,

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import pytest
 
 SESSIONS = 8
 
@@ -66,36 +67,54 @@ def run_session(url: str, study: Path, index: int) -> dict:
             "answer_status": answer_status, "question": question, "seconds": time.perf_counter() - started}
 
 
-def test_eight_concurrent_sessions_on_loopback(app_server, study_files, artifacts_dir: Path) -> None:
-    studies = study_files.other_niftis[:SESSIONS]
+def load_test(server, studies: list[Path], slices: int, label: str, artifacts_dir: Path) -> dict:
+    """Run SESSIONS concurrent sessions (one study each), check them all, return the figures."""
     assert len(studies) == SESSIONS
-    log_before = len(app_server.log_text())
+    log_before = len(server.log_text())
     started = time.perf_counter()
-    with PeakRss(app_server.process.pid) as rss, ThreadPoolExecutor(SESSIONS) as pool:
-        results = list(pool.map(lambda args: run_session(app_server.url, *args), zip(studies, range(SESSIONS))))
+    with PeakRss(server.process.pid) as rss, ThreadPoolExecutor(SESSIONS) as pool:
+        results = list(pool.map(lambda args: run_session(server.url, *args), zip(studies, range(SESSIONS))))
     wall = time.perf_counter() - started
 
     for result in results:
         assert "Study loaded" in result["load_status"], result["load_status"]
+        assert f"{slices} slices ready" in result["load_status"], result["load_status"]
         assert "Answered in" in result["answer_status"], result["answer_status"]
         user, assistant = result["chat"]
         assert message_text(user) == result["question"], "a session saw another session's conversation"
         assert assistant["role"] == "assistant" and message_text(assistant).strip()
     montages = {result["montage"] for result in results}
     assert len(montages) == SESSIONS, "sessions did not each see their own study"
-    new_log = app_server.log_text()[log_before:]
+    new_log = server.log_text()[log_before:]
     assert " ERROR " not in new_log and "Traceback" not in new_log, new_log[-2000:]
 
     figures = {
         "sessions": SESSIONS,
         "all_answered": True,
+        "errors": 0,
         "wall_s": round(wall, 2),
         "slowest_session_s": round(max(r["seconds"] for r in results), 2),
         "server_rss_baseline_mb": round(rss.baseline_mb, 1),
         "server_rss_peak_mb": round(rss.peak_mb, 1),
         "model": "tiny random (tests)",
-        "slices_per_study": 4,
+        "slices_per_study": slices,
         "concurrency_limit": 2,
     }
-    (artifacts_dir / "load_test.json").write_text(json.dumps(figures, indent=2))
-    print("\nload test:", json.dumps(figures))
+    (artifacts_dir / f"load_test_{label}.json").write_text(json.dumps(figures, indent=2))
+    print(f"\nload test ({label}):", json.dumps(figures))
+    return figures
+
+
+def test_eight_concurrent_sessions_on_loopback(app_server, study_files, artifacts_dir: Path) -> None:
+    load_test(app_server, study_files.other_niftis[:SESSIONS], 4, "small", artifacts_dir)
+
+
+@pytest.mark.slow
+def test_eight_concurrent_sessions_with_100_slices(app_server_factory, tmp_path: Path, artifacts_dir: Path) -> None:
+    """The same with 100 slices per study (128 x 128 phantoms of 100-160 slices)."""
+    from domain_data.synthetic.ct_phantom import make_ct_phantom, write_nifti
+
+    studies = [write_nifti(make_ct_phantom(seed=200 + i, n_slices=100 + 8 * i, size=128), tmp_path / f"s{i}.nii.gz")
+               for i in range(SESSIONS)]
+    server = app_server_factory("--max-slices", "100")
+    load_test(server, studies, 100, "100_slices", artifacts_dir)

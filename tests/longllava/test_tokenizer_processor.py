@@ -88,8 +88,11 @@ def test_chat_inputs_with_image_parts_and_placeholders_agree(tiny_processor, ima
 
 def test_processor_save_load_round_trip(tiny_processor, tiny_model_dir, images_factory):
     images = images_factory(2)
+    from transformers import AutoProcessor
+
     loaded = load_processor(tiny_model_dir)
     assert loaded.tokens_per_image == 16 and loaded.chat_template == protocol.CHAT_TEMPLATE
+    assert isinstance(AutoProcessor.from_pretrained(tiny_model_dir), LongLlavaProcessor)
     a = tiny_processor(text=protocol.images_prompt(2), images=images)
     b = loaded(text=protocol.images_prompt(2), images=images)
     assert torch.equal(a["input_ids"], b["input_ids"])

@@ -150,14 +150,23 @@ def _text_config(upstream: dict[str, Any]) -> JambaConfig:
     return JambaConfig(**kwargs)
 
 
+def _local_clip_folder(upstream: dict[str, Any], vision_tower: Path | None) -> Path | None:
+    """``--vision-tower`` if given, else ``mm_vision_tower`` when it names a local folder with config.json."""
+    if vision_tower is not None:
+        if not (vision_tower / "config.json").is_file():
+            raise ModelInputError(f"--vision-tower {vision_tower} has no config.json: pass a local CLIP folder")
+        return vision_tower
+    named = upstream.get("mm_vision_tower")
+    if named and (Path(named).expanduser() / "config.json").is_file():
+        return Path(named).expanduser()
+    return None
+
+
 def _vision_config(upstream: dict[str, Any], weights: _TensorSource, vision_tower: Path | None) -> CLIPVisionConfig:
     """CLIP config: a local CLIP folder if given (or named by mm_vision_tower), else inferred from shapes."""
-    candidates = [vision_tower] if vision_tower else []
-    if upstream.get("mm_vision_tower"):
-        candidates.append(Path(upstream["mm_vision_tower"]).expanduser())
-    for folder in candidates:
-        if folder is not None and (folder / "config.json").is_file():
-            return CLIPVisionConfig.from_pretrained(folder)
+    clip_folder = _local_clip_folder(upstream, vision_tower)
+    if clip_folder is not None:
+        return CLIPVisionConfig.from_pretrained(clip_folder)
     patch_key = VISION_PREFIX + "embeddings.patch_embedding.weight"
     position_key = VISION_PREFIX + "embeddings.position_embedding.weight"
     if patch_key not in weights.key_to_file:
@@ -284,6 +293,32 @@ def _expert_recipes(
     return {f"{prefix}.experts.gate_up_proj": gate_up, f"{prefix}.experts.down_proj": down}
 
 
+_CLIP_UNUSED = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
+_CLIP_VISION_TOP = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
+def plan_vision_tower_from_clip(clip_folder: Path, report: ConversionReport) -> dict[str, Recipe]:
+    """Vision-tower weights from a local CLIP folder, for upstream checkpoints saved without them.
+
+    Accepts a CLIPModel checkpoint (``vision_model.*``; the text tower, projections and logit scale are
+    dropped as unused) or a CLIPVisionModel saved by transformers 5 (``embeddings.*``, ``encoder.*``...).
+    """
+    source = _TensorSource(clip_folder)
+    recipes: dict[str, Recipe] = {}
+    for key in source.keys():
+        name = key[len("vision_model.") :] if key.startswith("vision_model.") else key
+        if _CLIP_UNUSED.match(key):
+            report.dropped[f"{clip_folder.name}:{key}"] = "CLIP text tower / projections (unused by LongLLaVA)"
+        elif name.endswith("embeddings.position_ids"):
+            report.dropped[f"{clip_folder.name}:{key}"] = "position_ids buffer (recomputed by CLIP)"
+        elif name.startswith(_CLIP_VISION_TOP):
+            recipes["model.vision_tower." + name] = lambda key=key: source.get(key)
+        else:
+            raise ModelInputError(f"{clip_folder}: unexpected weight {key!r} in the CLIP checkpoint")
+    report.n_source_tensors += len(source.keys())
+    return recipes
+
+
 def _expected_shapes(config: LongLlavaConfig) -> dict[str, tuple[int, ...]]:
     from longllava.modeling import LongLlavaForConditionalGeneration
 
@@ -348,6 +383,14 @@ def convert_upstream(
     report = ConversionReport(source=src, destination=dst, n_source_tensors=len(weights.keys()))
     config = convert_config(upstream, weights, Path(vision_tower) if vision_tower else None)
     recipes = plan_conversion(weights, config, report)
+    if not any(key.startswith(VISION_PREFIX) for key in weights.keys()):
+        clip_folder = _local_clip_folder(upstream, Path(vision_tower) if vision_tower else None)
+        if clip_folder is None:
+            raise ModelInputError(
+                f"{src} has no vision tower weights ({VISION_PREFIX}*) and mm_vision_tower is not a local folder: "
+                "pass --vision-tower with a local CLIP folder"
+            )
+        recipes.update(plan_vision_tower_from_clip(clip_folder, report))
     processor_tokenizer = _prepare_tokenizer(src, Path(tokenizer) if tokenizer else None, config, report)
     _resize_vocab(recipes, config, len(processor_tokenizer))
     expected = _expected_shapes(config)

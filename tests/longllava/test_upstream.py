@@ -187,3 +187,39 @@ def test_upstream_tokenizer_without_image_token_gets_one_and_a_larger_vocab(tmp_
     assert int((inputs["input_ids"] == image_id).sum()) == 16
     with torch.no_grad():
         assert torch.isfinite(converted(**inputs).logits).all()
+
+
+def test_vision_tower_weights_from_a_local_clip_folder(tokenizer, tmp_path, images_factory):
+    """Upstream checkpoints often leave CLIP out (it is loaded from mm_vision_tower): take it from there."""
+    model, processor = build_model("tiny", tokenizer, seed=4)
+    src = tmp_path / "upstream"
+    src.mkdir()
+    weights = write_upstream_checkpoint(model, tokenizer, src)
+    for shard in src.glob("*.safetensors"):
+        shard.unlink()
+    without_clip = {k: v.contiguous() for k, v in weights.items() if not k.startswith("model.vision_tower.")}
+    save_file(without_clip, src / "model.safetensors")
+    # a CLIPModel-style checkpoint in the folder named by mm_vision_tower: vision_model.* plus unused parts
+    clip_dir = src / "clip-vision"
+    clip_weights = {
+        "vision_model." + k[len("model.vision_tower.") :]: v.contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith("model.vision_tower.")
+    }
+    clip_weights.update({
+        "text_model.embeddings.token_embedding.weight": torch.zeros(10, 4),
+        "visual_projection.weight": torch.zeros(4, 32),
+        "logit_scale": torch.tensor(2.6),
+    })
+    save_file(clip_weights, clip_dir / "model.safetensors")
+
+    report = convert_upstream(src, tmp_path / "converted")
+    converted, _ = load_model(tmp_path / "converted")
+    assert {reason for reason in report.dropped.values()} >= {"CLIP text tower / projections (unused by LongLLaVA)"}
+    inputs = processor(text=protocol.images_prompt(2) + "Q", images=images_factory(2))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+    (clip_dir / "config.json").unlink()  # mm_vision_tower no longer a local CLIP folder
+    with pytest.raises(ModelInputError, match="no vision tower weights"):
+        convert_upstream(src, tmp_path / "again")

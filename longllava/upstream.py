@@ -1,15 +1,19 @@
 """Convert a checkpoint in the original LongLLaVA layout (``llava_jamba``) into a LongLLaVA model folder.
 
-Upstream layout (the original project's ``LlavaJambaForCausalLM``; a Jamba config with LLaVA's
-``mm_*`` fields on top):
+Upstream layout (the original project's ``LlavaJambaForCausalLM`` on the Jamba code it ships, which
+is AI21's Jamba-v0.1 remote code; a Jamba config with LLaVA's ``mm_*`` fields on top):
 
-* config.json: ``model_type: llava_jamba``, Jamba fields (``hidden_size``, ``num_experts``, ...),
-  ``mm_vision_tower``, ``mm_projector_type: mlp2x_gelu``, ``mm_vision_select_layer: -2``,
-  ``mm_vision_select_feature: patch``, ``resamplePooling: 2d`` (24x24 -> 12x12: half the grid side);
+* config.json: ``model_type: llava_jamba``, Jamba fields (``hidden_size``, ``num_experts``, ``n_ctx``,
+  ``mamba_inner_layernorms``, ...), ``mm_vision_tower``, ``mm_projector_type: mlp2x_gelu``,
+  ``mm_vision_select_layer: -2``, ``mm_vision_select_feature: patch``, ``resamplePooling: 2d``
+  (24x24 -> 12x12, applied to CLIP features before the projector);
 * weights: ``model.embed_tokens``, ``model.layers.*`` and ``model.final_layernorm`` (Jamba),
-  ``model.vision_tower.vision_tower.vision_model.*`` (CLIP), ``model.mm_projector.{0,2}.*``,
-  ``lm_head.weight``. MoE experts are stored one module per expert:
-  ``feed_forward.experts.{e}.{gate_proj,up_proj,down_proj}.weight``.
+  ``model.vision_tower.vision_tower.vision_model.*`` (CLIP; may be absent, then it comes from the
+  local CLIP folder), ``model.mm_projector.{0,2}.*``, ``lm_head.weight``. Every feed-forward block is
+  a ``moe`` module with one module per expert, ``moe.experts.{e}.{gate_proj,up_proj,down_proj}.weight``,
+  and ``moe.router.weight`` when it has more than one expert; ``pre_moe_layernorm``;
+  ``mamba.B_layernorm`` / ``mamba.C_layernorm``. The transformers 4 Jamba names (``feed_forward``,
+  ``pre_ff_layernorm``, ``b_layernorm``, dense ``feed_forward.gate_proj``) are accepted too.
 
 Our layout is transformers' LLaVA with a Jamba text model (transformers 5 Jamba code):
 
@@ -46,6 +50,12 @@ from longllava.errors import ModelInputError
 
 UPSTREAM_MODEL_TYPE = "llava_jamba"
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+_SOURCE_RENAMES = (  # AI21 remote-code names -> transformers names
+    (re.compile(r"\.moe\."), ".feed_forward."),
+    (re.compile(r"\.pre_moe_layernorm\."), ".pre_ff_layernorm."),
+    (re.compile(r"\.mamba\.B_layernorm\."), ".mamba.b_layernorm."),
+    (re.compile(r"\.mamba\.C_layernorm\."), ".mamba.c_layernorm."),
+)
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.router\.weight$")
 _DEFAULT_MAX_SHARD_BYTES = 4 << 30
@@ -145,8 +155,16 @@ def read_upstream_config(folder: Path) -> dict[str, Any]:
 
 
 def _text_config(upstream: dict[str, Any]) -> JambaConfig:
+    """The Jamba fields of an upstream config (AI21's ``n_ctx`` is ``max_position_embeddings``)."""
+    if upstream.get("mamba_inner_layernorms", True) is False:
+        raise ModelInputError(
+            "mamba_inner_layernorms is false: transformers' Jamba always normalises dt/B/C, so this "
+            "checkpoint cannot be converted exactly"
+        )
     names = {f.name for f in fields(JambaConfig)} - {"transformers_version", "architectures", "dtype"}
     kwargs = {k: v for k, v in upstream.items() if k in names}
+    if "n_ctx" in upstream and "max_position_embeddings" not in upstream:
+        kwargs["max_position_embeddings"] = upstream["n_ctx"]
     return JambaConfig(**kwargs)
 
 
@@ -219,6 +237,15 @@ def convert_config(
     )
 
 
+def normalize_source_key(key: str) -> str:
+    """AI21 remote-code Jamba names (``moe``, ``pre_moe_layernorm``, ``B_layernorm``) -> transformers names."""
+    if not key.startswith("model.layers."):
+        return key
+    for pattern, replacement in _SOURCE_RENAMES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
 def _direct_name(key: str) -> str | None:
     """Target name of a one-to-one upstream key (None if it is not one)."""
     if key.startswith(VISION_PREFIX):
@@ -246,8 +273,9 @@ def plan_conversion(
     recipes: dict[str, Recipe] = {}
     experts: dict[int, dict[int, dict[str, str]]] = {}
     for key in weights.keys():
-        expert = _EXPERT_KEY.match(key)
-        router = _ROUTER_KEY.match(key)
+        name = normalize_source_key(key)
+        expert = _EXPERT_KEY.match(name)
+        router = _ROUTER_KEY.match(name)
         if expert:
             layer, index, proj = int(expert.group(1)), int(expert.group(2)), expert.group(3)
             experts.setdefault(layer, {}).setdefault(index, {})[proj] = key
@@ -255,7 +283,7 @@ def plan_conversion(
             report.dropped[key] = "router of a one-expert layer (softmax over one expert is 1)"
         elif key.endswith("embeddings.position_ids"):
             report.dropped[key] = "position_ids buffer (recomputed by CLIP)"
-        elif (target := _direct_name(key)) is not None:
+        elif (target := _direct_name(name)) is not None:
             recipes[target] = lambda key=key: weights.get(key)
         else:
             raise ModelInputError(f"{weights.folder}: unexpected weight {key!r} in the upstream checkpoint")

@@ -21,19 +21,28 @@ from longllava.upstream import convert_upstream
 POSITION_IDS = "model.vision_tower.vision_tower.vision_model.embeddings.position_ids"
 
 
-def to_upstream_layout(state: dict[str, torch.Tensor], dense_as_expert0: bool) -> dict[str, torch.Tensor]:
+def to_upstream_layout(state: dict[str, torch.Tensor], style: str = "ai21") -> dict[str, torch.Tensor]:
     """Our state dict -> the original project's keys, per-expert MoE modules, an old position_ids buffer.
 
-    Dense layers are plain ``feed_forward.{gate,up,down}_proj`` (Jamba's JambaMLP) or, with
-    ``dense_as_expert0``, LongLLaVA-9B style ``experts.0.*`` plus a saved one-expert router.
+    ``ai21``: the Jamba-v0.1 remote code LongLLaVA ships: every feed-forward is ``moe.experts.{e}.*``
+    (a dense layer is ``moe.experts.0.*`` without router), ``pre_moe_layernorm``, ``B_layernorm``.
+    ``hf``: transformers 4 names; a dense layer is a plain ``feed_forward.{gate,up,down}_proj``.
+    ``hf_dense_expert0``: transformers 4 names with dense layers as ``experts.0.*`` plus a saved
+    one-expert router.
     """
     out: dict[str, torch.Tensor] = {}
+    ffn = "moe" if style == "ai21" else "feed_forward"
     for key, tensor in state.items():
         if key.startswith("model.language_model."):
             name = "model." + key[len("model.language_model.") :]
-            fused = re.match(r"^(model\.layers\.(\d+)\.feed_forward)\.experts\.(gate_up_proj|down_proj)$", name)
+            if style == "ai21":
+                name = name.replace(".pre_ff_layernorm.", ".pre_moe_layernorm.")
+                name = name.replace(".mamba.b_layernorm.", ".mamba.B_layernorm.")
+                name = name.replace(".mamba.c_layernorm.", ".mamba.C_layernorm.")
+            name = name.replace(".feed_forward.", f".{ffn}.")
+            fused = re.match(rf"^(model\.layers\.\d+\.{ffn})\.experts\.(gate_up_proj|down_proj)$", name)
             if fused:
-                prefix, kind = fused.group(1), fused.group(3)
+                prefix, kind = fused.group(1), fused.group(2)
                 for e in range(tensor.shape[0]):
                     if kind == "gate_up_proj":
                         gate, up = tensor[e].chunk(2, dim=0)
@@ -42,11 +51,12 @@ def to_upstream_layout(state: dict[str, torch.Tensor], dense_as_expert0: bool) -
                     else:
                         out[f"{prefix}.experts.{e}.down_proj.weight"] = tensor[e].clone()
                 continue
-            dense = re.match(r"^(model\.layers\.(\d+)\.feed_forward)\.(gate_proj|up_proj|down_proj)\.weight$", name)
-            if dense and dense_as_expert0:  # LongLLaVA-9B style: expert 0 kept, one-expert router still saved
-                prefix = dense.group(1)
-                out[f"{prefix}.experts.0.{dense.group(3)}.weight"] = tensor.clone()
-                out[f"{prefix}.router.weight"] = torch.randn(1, tensor.shape[-1] if dense.group(3) != "down_proj" else tensor.shape[0])
+            dense = re.match(rf"^(model\.layers\.\d+\.{ffn})\.(gate_proj|up_proj|down_proj)\.weight$", name)
+            if dense and style in ("ai21", "hf_dense_expert0"):
+                prefix, proj = dense.group(1), dense.group(2)
+                out[f"{prefix}.experts.0.{proj}.weight"] = tensor.clone()
+                if style == "hf_dense_expert0" and proj == "gate_proj":
+                    out[f"{prefix}.router.weight"] = torch.randn(1, tensor.shape[1])
                 continue
             out[name] = tensor.clone()
         elif key.startswith("model.vision_tower."):
@@ -60,12 +70,15 @@ def to_upstream_layout(state: dict[str, torch.Tensor], dense_as_expert0: bool) -
     return out
 
 
-def write_upstream_checkpoint(model, tokenizer, folder, dense_as_expert0=False):
+def write_upstream_checkpoint(model, tokenizer, folder, style="ai21"):
     config: LongLlavaConfig = model.config
     clip_dir = folder / "clip-vision"
     config.vision_config.save_pretrained(clip_dir)
+    text = {k: v for k, v in config.text_config.to_dict().items() if k not in ("model_type", "architectures")}
+    text["n_ctx"] = text.pop("max_position_embeddings")  # AI21's name
     upstream_config = {
-        **{k: v for k, v in config.text_config.to_dict().items() if k not in ("model_type", "architectures")},
+        **text,
+        "mamba_inner_layernorms": True,
         "model_type": "llava_jamba",
         "architectures": ["LlavaJambaForCausalLM"],
         "mm_vision_tower": str(clip_dir),
@@ -77,7 +90,7 @@ def write_upstream_checkpoint(model, tokenizer, folder, dense_as_expert0=False):
         "image_aspect_ratio": "pad",
     }
     (folder / "config.json").write_text(json.dumps(upstream_config))
-    weights = to_upstream_layout(model.state_dict(), dense_as_expert0)
+    weights = to_upstream_layout(model.state_dict(), style)
     keys = sorted(weights)
     half = len(keys) // 2  # two shards, as large checkpoints are
     save_file({k: weights[k].contiguous() for k in keys[:half]}, folder / "model-00001-of-00002.safetensors")
@@ -86,31 +99,32 @@ def write_upstream_checkpoint(model, tokenizer, folder, dense_as_expert0=False):
     return weights
 
 
-@pytest.mark.parametrize("layout", ["moe", "dense_expert0"])
+@pytest.mark.parametrize("layout", ["ai21", "hf", "hf_dense_expert0"])
 def test_convert_upstream_checkpoint_gives_identical_logits(tokenizer, tmp_path, images_factory, layout):
     config = LongLlavaConfig.from_preset("tiny")
-    if layout == "dense_expert0":
+    if layout == "hf_dense_expert0":
         config.text_config.num_experts = 1
         config.text_config.num_experts_per_tok = 1
     model, processor = build_model(config, tokenizer, seed=3)
     src = tmp_path / "upstream"
     src.mkdir()
-    upstream_weights = write_upstream_checkpoint(model, tokenizer, src, dense_as_expert0=layout == "dense_expert0")
+    upstream_weights = write_upstream_checkpoint(model, tokenizer, src, style=layout)
 
     report = convert_upstream(src, tmp_path / "converted", max_shard_bytes=200_000)
     converted, converted_processor = load_model(tmp_path / "converted")  # raises on missing/unexpected weights
 
     state = model.state_dict()
     assert report.n_written_tensors == len(state) == len(converted.state_dict())
-    routers = {k for k in upstream_weights if k.endswith("router.weight")} if layout == "dense_expert0" else set()
+    routers = {k for k in upstream_weights if k.endswith("router.weight")} if layout == "hf_dense_expert0" else set()
     assert set(report.dropped) == {POSITION_IDS} | routers
-    n_expert_keys = sum(1 for k in upstream_weights if ".experts." in k)
-    fused = 2 * report.fused_expert_layers
-    n_dense = n_expert_keys if layout == "dense_expert0" else 0
-    # every source tensor: dropped, copied one-to-one, or one of the per-expert tensors fused.
-    assert report.n_source_tensors == len(report.dropped) + (len(state) - fused - n_dense) + n_expert_keys
-    if layout == "moe":
+    # every source tensor is dropped, copied one-to-one, or one of 3 x E per-expert tensors fused into 2
+    fused = report.fused_expert_layers
+    assert report.n_source_tensors == len(upstream_weights)
+    assert report.n_source_tensors == len(report.dropped) + (len(state) - 2 * fused) + 3 * config.text_config.num_experts * fused
+    if layout != "hf_dense_expert0":
         assert report.fused_expert_layers == 2
+    if layout == "ai21":
+        assert any(".moe.experts.0." in k for k in upstream_weights) and any("B_layernorm" in k for k in upstream_weights)
     assert (tmp_path / "converted" / "model.safetensors.index.json").is_file()
 
     images = images_factory(3)
@@ -135,6 +149,12 @@ def test_convert_upstream_cli_and_errors(tokenizer, tmp_path, capsys):
     # the converted folder is not upstream any more; converting into a non-empty folder is refused
     assert main(["convert-upstream", str(src), str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
+    # a Jamba variant transformers cannot express is refused
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "mamba_inner_layernorms": False}))
+    with pytest.raises(ModelInputError, match="mamba_inner_layernorms is false"):
+        convert_upstream(src, tmp_path / "out3")
+    (src / "config.json").write_text(json.dumps(config))
     # an unknown tensor in the source is reported, not silently dropped
     save_file({"model.extra.weight": torch.zeros(2)}, src / "extra.safetensors")
     with pytest.raises(ModelInputError, match="unexpected weight 'model.extra.weight'"):

@@ -363,7 +363,14 @@ def _prepare_tokenizer(src: Path, tokenizer_dir: Path | None, config: LongLlavaC
     folder = tokenizer_dir or src
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise ModelInputError(f"{folder} has no tokenizer files (tokenizer.json): pass --tokenizer with a tokenizer folder")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, ImportError, KeyError, TypeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelInputError(
+            f"cannot load the tokenizer in {folder} ({first_line}); a tokenizer.model-only (sentencepiece) "
+            "tokenizer needs the sentencepiece package, or pass --tokenizer with a folder holding tokenizer.json"
+        ) from None
     if protocol.IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [protocol.IMAGE_TOKEN]})
         report.added_image_token = True

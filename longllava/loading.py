@@ -177,13 +177,20 @@ def save_random_model(
     out_dir: str | Path,
     seed: int = 0,
     tokenizer: Any = None,
-    vocab_size: int = 1024,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Write a random-weight model folder (weights + tokenizer + processor) for tests and benchmarks."""
+    """Write a random-weight model folder (weights + tokenizer + processor) for tests and benchmarks.
+
+    Without ``tokenizer``, one is trained by :func:`longllava.tokenizer.build_tokenizer` on its built-in
+    corpus with at most ``vocab_size`` tokens (default: the preset's text vocabulary, e.g. 4096 for demo);
+    pass ``tokenizer=build_tokenizer(texts=...)`` to include your training texts.
+    """
     from longllava.tokenizer import build_tokenizer
 
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(vocab_size=vocab_size)
-    model, processor = build_model(preset, tokenizer, seed=seed)
+    config = LongLlavaConfig.from_preset(preset) if isinstance(preset, str) else preset
+    if tokenizer is None:
+        tokenizer = build_tokenizer(vocab_size=vocab_size or config.text_config.vocab_size)
+    model, processor = build_model(config, tokenizer, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

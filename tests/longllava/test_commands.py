@@ -79,3 +79,12 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+def test_question_messages_follow_the_protocol():
+    from longllava import protocol
+    from longllava.commands import build_question_messages
+
+    [message] = build_question_messages("Q?", n_images=2, n_frames=3)
+    assert message == {"role": "user", "content": protocol.images_prompt(2) + protocol.series_prompt(3) + "\nQ?"}
+    assert build_question_messages("Q?", 0, 0) == [{"role": "user", "content": "Q?"}]

@@ -15,8 +15,9 @@ and a language model built from ``config.text_config`` = Jamba) and writes image
 * the config class (``model_type = "longllava"``) and Auto-class registration.
 
 Pre-encoded images (streaming encoders) can be passed to ``forward`` as
-``mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}`` with ``features``
-shaped ``(n_images, tokens_per_image, text_hidden)``; :meth:`LongLlavaModel.encode_images` produces them.
+``mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}`` where
+``features`` (n_images, tokens_per_image, text_hidden) comes from :meth:`LongLlavaModel.encode_images`
+(a tuple or list: LlavaModel.forward concatenates it).
 """
 
 from __future__ import annotations

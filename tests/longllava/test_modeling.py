@@ -109,3 +109,15 @@ def test_cuda_bf16_forward_matches_cpu(tiny_model, tiny_processor, images_factor
         generated = gpu_model.generate(**on_gpu, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_pre_encoded_images_give_the_same_logits(tiny_model, tiny_processor, images_factory):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    inputs = chat_inputs(tiny_processor, images_factory(3))
+    with torch.no_grad():
+        features = torch.cat([tiny_model.encode_images(p[None]) for p in inputs["pixel_values"]])  # one at a time
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+        streamed = tiny_model(input_ids=inputs["input_ids"], mm_encoder_outputs=encoded).logits
+        direct = tiny_model(**inputs).logits
+    torch.testing.assert_close(streamed, direct)

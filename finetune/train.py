@@ -133,8 +133,11 @@ def _coerce(recipe_name: str, key: str, value: Any, current: Any) -> Any:
         return [v for v in value.split(",") if v]
     if isinstance(current, bool) and not isinstance(value, bool):
         raise FinetuneError(f"recipe {recipe_name}: {key} must be true or false, got {value!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if isinstance(current, float) and isinstance(value, int | str) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
+        except ValueError:
+            raise FinetuneError(f"recipe {recipe_name}: {key} must be a number, got {value!r}") from None
     return value
 
 
@@ -354,7 +357,7 @@ def _loss_callback_class():
                 writer = csv.writer(handle)
                 writer.writerow(["step", "epoch", "loss", "learning_rate"])
                 for row in kept:
-                    writer.writerow([row["step"], row["epoch"], row["loss"], row["learning_rate"]])
+                    writer.writerow([row["step"], f"{row['epoch']:.4f}", row["loss"], row["learning_rate"]])
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -424,6 +427,31 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> Any:
     )
 
 
+def _trainer_class() -> Any:
+    from transformers import Trainer
+
+    class LongLlavaTrainer(Trainer):
+        """``Trainer`` whose resume restores every weight of a full-mode checkpoint.
+
+        transformers 5 saves fused MoE experts in the per-expert layout (``experts.N.gate_proj``) and
+        converts them back only in ``from_pretrained``; the stock resume path loads the file with
+        ``load_state_dict(strict=False)`` and would silently keep the experts' in-memory values. Here
+        the checkpoint goes through ``from_pretrained`` and is copied in strictly. LoRA (peft) and
+        DeepSpeed checkpoints keep the stock path (their own formats).
+        """
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            target = model if model is not None else self.model
+            if (self.is_deepspeed_enabled or getattr(self, "is_fsdp_enabled", False)
+                    or hasattr(target, "peft_config") or not (Path(resume_from_checkpoint) / "config.json").is_file()):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            restored = type(target).from_pretrained(resume_from_checkpoint)
+            target.load_state_dict(restored.state_dict(), strict=True)
+            del restored
+
+    return LongLlavaTrainer
+
+
 def last_checkpoint(output_dir: Path) -> Path | None:
     """The highest ``checkpoint-N`` folder in ``output_dir``, if any."""
     found = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
@@ -452,7 +480,6 @@ def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: 
 def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """Train as the recipe says; returns the summary written to ``training_summary.json``."""
     import torch
-    from transformers import Trainer
 
     from finetune import data
     from longllava.loading import load_model
@@ -482,7 +509,7 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if _is_main_process():
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=dataset,

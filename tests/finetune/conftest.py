@@ -68,7 +68,7 @@ def tiny_recipe(train_data: Path | list, output_dir: Path, **overrides):
     values = dict(name="test", base_model="preset:tiny", mode="lora", stage="sft",
                   train_data=[str(p) for p in (train_data if isinstance(train_data, list) else [train_data])],
                   output_dir=str(output_dir), max_length=160, pack=True, learning_rate=3e-3, warmup_ratio=0.0,
-                  max_steps=4, save_steps=2, per_device_train_batch_size=2, gradient_checkpointing=True, seed=0)
+                  max_steps=4, save_steps=2, per_device_train_batch_size=2, gradient_checkpointing=False, seed=0)
     values.update(overrides)
     recipe = Recipe(**values)
     recipe.validate()

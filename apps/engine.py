@@ -95,7 +95,7 @@ def _stream_with_session(
     max_new_tokens: int,
     progress: ProgressCallback | None,
 ) -> Iterator[str]:
-    session = session_cls(shared.model, shared.processor)
+    session = session_cls(shared.model, shared.processor, progress=progress)
     yield from session.generate(list(messages), list(images), max_new_tokens=max_new_tokens, stream=True)
 
 

@@ -223,7 +223,8 @@ def progress_bridge(progress: Callable | None) -> Callable[[int, int, str], None
         return None
 
     def report(done: int, total: int, what: str) -> None:
-        progress((done, max(total, 1)), desc=what, unit="images")
+        unit = "tokens" if what.startswith(("generat", "decod")) else "chunks" if "prefill" in what else "images"
+        progress((done, max(total, 1)), desc=what, unit=unit)
 
     return report
 

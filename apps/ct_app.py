@@ -308,7 +308,8 @@ class CTHandlers:
         self.image_size = config.image_size or shared.image_size()
 
     def loaded(self, study: CTStudy, window_name: str, note: str) -> tuple:
-        """Outputs after a study loads: state, status, summary, slider, slice, montage, chat, findings."""
+        """Outputs after a study loads: state, status, summary, slider, slice, montage, chat, findings,
+        chat status."""
         import gradio as gr
 
         depth = study.viewer_hu.shape[0]
@@ -316,7 +317,7 @@ class CTHandlers:
         LOG.info("ct study loaded: %d slices, %d for the model", depth, len(study.model_slices))
         slider = gr.Slider(minimum=0, maximum=max(depth - 1, 1), value=middle, step=1)
         return (study, f"{note} {len(study.model_slices)} slices ready for the model.", summary_markdown(study),
-                slider, slice_view(study, middle, window_name), montage_view(study, window_name), [], None)
+                slider, slice_view(study, middle, window_name), montage_view(study, window_name), [], None, "")
 
     def on_upload(self, files: Any, window_name: str, progress: Any = None) -> tuple:
         _report(progress, 0.1, "Reading the study")
@@ -343,20 +344,20 @@ class CTHandlers:
         text = (text or "").strip()
         if not text:
             raise AppInputError("type a question about the study first")
-        history = chat_history(study) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        asked = chat_history(study) + [{"role": "user", "content": text}]
         count = len(study.model_slices)
         _report(progress, 0.0, f"Encoding {count} slices")
-        yield history, f"Encoding {count} slices and answering…", "", study
+        yield asked, f"Encoding {count} slices and answering…", "", study
         started = time.perf_counter()
         answer = ""
         for piece in stream_answer(self.shared, model_messages(study, text), study.model_slices,
                                    self.config.max_new_tokens, progress_bridge(progress)):
             answer += piece
-            history[-1] = {"role": "assistant", "content": answer}
+            history = asked + [{"role": "assistant", "content": answer}]
             yield history, f"Answering… ({len(answer)} characters)", "", study
         answer = answer.strip() or "(the model returned no text)"
         study.turns.append((text, answer))
-        history[-1] = {"role": "assistant", "content": answer}
+        history = asked + [{"role": "assistant", "content": answer}]
         took = time.perf_counter() - started
         LOG.info("ct answer: %d characters in %.1f s", len(answer), took)
         yield history, f"Answered in {took:.1f} s.", "", study
@@ -407,6 +408,7 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
                 montage_image = gr.Image(label="Montage", type="pil", interactive=False, elem_id="ct-montage",
                                          height=320)
     chatbot = gr.Chatbot(label="Conversation about the study", elem_id="ct-chat", height=320)
+    chat_status = gr.Markdown("", elem_id="ct-chat-status")
     with gr.Row():
         question = gr.Textbox(label="Question", placeholder="Is there a pleural effusion?", scale=4,
                               elem_id="ct-question")
@@ -419,7 +421,7 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     exports = gr.File(label="Exports (JSON, markdown)", file_count="multiple", interactive=False,
                       elem_id="ct-exports", height=120)
 
-    loaded_outputs = [study_state, status, summary, slice_index, view, montage_image, chatbot, findings]
+    loaded_outputs = [study_state, status, summary, slice_index, view, montage_image, chatbot, findings, chat_status]
     on_upload = guarded("load CT study", len(loaded_outputs), 1)(with_progress(handlers.on_upload))
     on_sample = guarded("load sample CT study", len(loaded_outputs), 1)(with_progress(handlers.on_sample))
     on_view = guarded("show CT slice", 3, 2)(handlers.on_view)
@@ -435,13 +437,14 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     view_inputs, view_outputs = [study_state, slice_index, window], [view, montage_image, status]
     slice_index.change(on_view, view_inputs, view_outputs, api_name=False, show_progress="hidden", **view_queue)
     window.change(on_view, view_inputs, view_outputs, api_name=False, **view_queue)
-    ask_event = dict(fn=on_ask, inputs=[study_state, question], outputs=[chatbot, status, question, study_state],
+    ask_event = dict(fn=on_ask, inputs=[study_state, question],
+                     outputs=[chatbot, chat_status, question, study_state], show_progress_on=[chat_status],
                      **model_queue)
     ask_button.click(**ask_event, api_name="ct_ask")
     question.submit(**ask_event, api_name=False)
-    findings_button.click(on_findings, [study_state], [findings, status, study_state, exports],
-                          api_name="ct_findings", **model_queue)
-    export_button.click(on_export, [study_state], [exports, status], api_name="ct_export", **view_queue)
+    findings_button.click(on_findings, [study_state], [findings, chat_status, study_state, exports],
+                          api_name="ct_findings", show_progress_on=[chat_status], **model_queue)
+    export_button.click(on_export, [study_state], [exports, chat_status], api_name="ct_export", **view_queue)
     return dict(fn=on_sample, inputs=[window], outputs=loaded_outputs, **load_queue)
 
 

@@ -21,7 +21,7 @@ APP_KINDS: tuple[str, ...] = ("ct", "rs")
 TAB_TITLES = {"ct": "CT study", "rs": "Satellite image"}
 
 PAGE_CSS = """
-#ct-status, #rs-status { min-height: 1.5em; }
+#ct-status, #rs-status, #ct-chat-status, #rs-chat-status { min-height: 1.5em; }
 footer { display: none !important; }
 """
 

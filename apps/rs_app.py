@@ -212,11 +212,11 @@ class RSHandlers:
         self.tile_size = config.image_size or shared.image_size()
 
     def loaded(self, image: RSImage, note: str) -> tuple:
-        """Outputs after an image loads: state, status, info, overlay, chat, GeoJSON file."""
+        """Outputs after an image loads: state, status, info, overlay, chat, GeoJSON file, chat status."""
         rows, cols = image.grid
         LOG.info("raster loaded: grid %dx%d", rows, cols)
         status = f"{note} {rows * cols} tiles + thumbnail ready for the model."
-        return image, status, info_markdown(image), draw_overlay(image), [], None
+        return image, status, info_markdown(image), draw_overlay(image), [], None, ""
 
     def on_upload(self, file: Any, progress: Any = None) -> tuple:
         report_progress(progress, 0.1, "Reading and tiling the image")
@@ -238,21 +238,21 @@ class RSHandlers:
         text = (text or "").strip()
         if not text:
             raise AppInputError("type a question about the image first")
-        history = chat_history(image) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        asked = chat_history(image) + [{"role": "user", "content": text}]
         count = len(image.tile_images) + 1
         report_progress(progress, 0.0, f"Encoding {count} images")
-        yield history, f"Encoding {count} images and answering…", "", image, gr.skip(), gr.skip()
+        yield asked, f"Encoding {count} images and answering…", "", image, gr.skip(), gr.skip()
         started = time.perf_counter()
         answer = ""
         for piece in stream_answer(self.shared, model_messages(image, text), image.model_images(),
                                    self.config.max_new_tokens, progress_bridge(progress)):
             answer += piece
-            history[-1] = {"role": "assistant", "content": answer}
+            history = asked + [{"role": "assistant", "content": answer}]
             yield history, f"Answering… ({len(answer)} characters)", "", image, gr.skip(), gr.skip()
         answer = answer.strip() or "(the model returned no text)"
         image.turns.append((text, answer))
         image.referenced = referenced_tiles(answer, image)
-        history[-1] = {"role": "assistant", "content": answer}
+        history = asked + [{"role": "assistant", "content": answer}]
         path, features = geojson_export(answer, image, self.config)
         took = time.perf_counter() - started
         note = (f"Answered in {took:.1f} s; {len(image.referenced)} tile(s) referenced, "
@@ -280,12 +280,13 @@ def build_rs_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
             overlay = gr.Image(label="Tile grid (row, col); tiles named in the answer in red", type="pil",
                                interactive=False, elem_id="rs-overlay", height=480)
     chatbot = gr.Chatbot(label="Conversation about the image", elem_id="rs-chat", height=300)
+    chat_status = gr.Markdown("", elem_id="rs-chat-status")
     with gr.Row():
         question = gr.Textbox(label="Question", placeholder="Which tiles contain ships?", scale=4,
                               elem_id="rs-question")
         ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="rs-ask")
 
-    loaded_outputs = [image_state, status, info, overlay, chatbot, geojson]
+    loaded_outputs = [image_state, status, info, overlay, chatbot, geojson, chat_status]
     on_upload = guarded("load raster", len(loaded_outputs), 1)(with_progress(handlers.on_upload))
     on_sample = guarded("load sample raster", len(loaded_outputs), 1)(with_progress(handlers.on_sample))
     on_ask = guarded("answer raster question", 6, 1)(with_progress(handlers.on_ask))
@@ -295,7 +296,8 @@ def build_rs_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     upload.upload(on_upload, [upload], loaded_outputs, api_name="rs_upload", **load_queue)
     sample_button.click(on_sample, [], loaded_outputs, api_name="rs_sample", **load_queue)
     ask_event = dict(fn=on_ask, inputs=[image_state, question],
-                     outputs=[chatbot, status, question, image_state, overlay, geojson], **model_queue)
+                     outputs=[chatbot, chat_status, question, image_state, overlay, geojson],
+                     show_progress_on=[chat_status], **model_queue)
     ask_button.click(**ask_event, api_name="rs_ask")
     question.submit(**ask_event, api_name=False)
     return dict(fn=on_sample, inputs=[], outputs=loaded_outputs, **load_queue)

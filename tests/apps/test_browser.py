@@ -28,7 +28,7 @@ def upload(page, element_id: str, paths: list[Path]) -> None:
 def ask(page, prefix: str, question: str) -> None:
     page.locator(f"#{prefix}-question textarea").fill(question)
     page.locator(f"#{prefix}-ask").click()
-    expect()(page.locator(f"#{prefix}-status")).to_contain_text("Answered in", timeout=LOAD_TIMEOUT_MS)
+    expect()(page.locator(f"#{prefix}-chat-status")).to_contain_text("Answered in", timeout=LOAD_TIMEOUT_MS)
 
 
 def bot_messages(page, prefix: str):
@@ -53,6 +53,9 @@ def test_ct_upload_ask_answer(page, study_files, artifacts_dir: Path) -> None:
 
 
 def test_ct_bad_file_then_good_file(page, study_files, artifacts_dir: Path) -> None:
+    page.locator("#ct-question textarea").fill("Anything abnormal?")
+    page.locator("#ct-ask").click()
+    expect()(page.locator("#ct-chat-status")).to_contain_text("Error: no study loaded yet", timeout=LOAD_TIMEOUT_MS)
     upload(page, "ct-upload", [study_files.bad_file])
     status = page.locator("#ct-status")
     expect()(status).to_contain_text("Error:", timeout=LOAD_TIMEOUT_MS)
@@ -74,10 +77,10 @@ def test_ct_dicom_identifiers_never_shown(page, app_server, study_files, identif
     expect()(page.locator("#ct-status")).to_contain_text("Study loaded", timeout=LOAD_TIMEOUT_MS)
     ask(page, "ct", "Describe the lungs.")
     page.locator("#ct-findings-btn").click()
-    expect()(page.locator("#ct-status")).to_contain_text("Findings checklist done", timeout=LOAD_TIMEOUT_MS)
+    expect()(page.locator("#ct-chat-status")).to_contain_text("Findings checklist done", timeout=LOAD_TIMEOUT_MS)
     expect()(page.locator("#ct-findings")).to_contain_text("Lung nodule")
     page.locator("#ct-export-btn").click()
-    expect()(page.locator("#ct-status")).to_contain_text("Exported", timeout=LOAD_TIMEOUT_MS)
+    expect()(page.locator("#ct-chat-status")).to_contain_text("Exported", timeout=LOAD_TIMEOUT_MS)
     links = page.locator("#ct-exports a")
     expect()(links).to_have_count(2)
     exported: dict[str, str] = {}

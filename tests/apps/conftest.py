@@ -162,12 +162,14 @@ def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_s: 
     raise RuntimeError(f"app server not ready after {timeout_s} s:\n{log_path.read_text()[-3000:]}")
 
 
-def start_server(model_dir: Path, workdir: Path, extra: list[str] | None = None) -> AppServer:
+def start_server(model_dir: Path, workdir: Path, extra: list[str] | None = None,
+                 env_extra: dict[str, str] | None = None) -> AppServer:
     port = _free_port()
     log_path = workdir / "server.log"
     cache_dir = workdir / "cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LONGLLAVA_APP_")}
-    env.update(PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(workdir / "uploads"))
+    env.update(PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(workdir / "uploads"),
+               **(env_extra or {}))
     command = [sys.executable, "-m", "longllava.cli", "app", "--model", str(model_dir), "--port", str(port),
                "--cache-dir", str(cache_dir), *SERVER_LIMITS, *(extra or [])]
     log = log_path.open("w")
@@ -201,8 +203,9 @@ def app_server_factory(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     """Start extra servers with more CLI options; each is stopped after the test."""
     started: list[AppServer] = []
 
-    def start(*extra: str) -> AppServer:
-        started.append(start_server(tiny_model_dir, tmp_path_factory.mktemp("apps-server"), list(extra)))
+    def start(*extra: str, env: dict[str, str] | None = None) -> AppServer:
+        workdir = tmp_path_factory.mktemp("apps-server")
+        started.append(start_server(tiny_model_dir, workdir, list(extra), env_extra=env))
         return started[-1]
 
     yield start

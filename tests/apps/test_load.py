@@ -118,3 +118,18 @@ def test_eight_concurrent_sessions_with_100_slices(app_server_factory, tmp_path:
                for i in range(SESSIONS)]
     server = app_server_factory("--max-slices", "100")
     load_test(server, studies, 100, "100_slices", artifacts_dir)
+
+
+def test_login_from_environment(app_server_factory, study_files) -> None:
+    """With LONGLLAVA_APP_USER/PASSWORD set, the app answers only after a login."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AuthenticationError
+
+    server = app_server_factory(env={"LONGLLAVA_APP_USER": "analyst", "LONGLLAVA_APP_PASSWORD": "pw-4471"})
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
+        Client(server.url, verbose=False)
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(server.url, auth=("analyst", "wrong"), verbose=False)
+    client = Client(server.url, auth=("analyst", "pw-4471"), verbose=False)
+    status, *_ = client.predict([handle_file(str(study_files.nifti))], "lung", api_name="/ct_upload")
+    assert "Study loaded" in status

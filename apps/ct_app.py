@@ -34,7 +34,15 @@ from apps.common import (
 from apps.common import (
     report_progress as _report,
 )
-from apps.engine import LOAD_QUEUE, MODEL_QUEUE, VIEW_CONCURRENCY, VIEW_QUEUE, SharedModel, stream_answer
+from apps.engine import (
+    LOAD_QUEUE,
+    MODEL_QUEUE,
+    STATE_TTL_S,
+    VIEW_CONCURRENCY,
+    VIEW_QUEUE,
+    SharedModel,
+    stream_answer,
+)
 
 LOG = logging.getLogger("longllava.apps")
 
@@ -392,7 +400,7 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     import gradio as gr
 
     handlers = CTHandlers(shared, config)
-    study_state = gr.State(None)
+    study_state = gr.State(None, time_to_live=STATE_TTL_S)  # frees abandoned sessions
     with gr.Row():
         with gr.Column(scale=1):
             upload = gr.File(label="CT study: NIfTI (.nii/.nii.gz), DICOM .zip, or several DICOM files",

@@ -27,6 +27,8 @@ MODEL_QUEUE = "model"
 LOAD_QUEUE = "load"
 VIEW_QUEUE = "view"
 VIEW_CONCURRENCY = 8
+# A session's loaded study/image is dropped this long after its last use.
+STATE_TTL_S = 2 * 3600
 
 
 @dataclass

@@ -28,7 +28,7 @@ from apps.common import (
     with_progress,
     write_export,
 )
-from apps.engine import LOAD_QUEUE, MODEL_QUEUE, SharedModel, stream_answer
+from apps.engine import LOAD_QUEUE, MODEL_QUEUE, STATE_TTL_S, SharedModel, stream_answer
 
 LOG = logging.getLogger("longllava.apps")
 
@@ -203,6 +203,12 @@ def chat_history(image: RSImage | None) -> list[dict]:
 # ----------------------------------------------------------------------------- page
 
 
+def close_image(image: RSImage | None) -> None:
+    """Release the raster a session's tiled image holds open (Gradio calls it when the state expires)."""
+    if image is not None:
+        image.tiled.close()
+
+
 class RSHandlers:
     """The satellite page's event handlers; each returns (or yields) one value per output component."""
 
@@ -268,7 +274,7 @@ def build_rs_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
     import gradio as gr
 
     handlers = RSHandlers(shared, config)
-    image_state = gr.State(None)
+    image_state = gr.State(None, time_to_live=STATE_TTL_S, delete_callback=close_image)  # frees abandoned sessions
     with gr.Row():
         with gr.Column(scale=1):
             upload = gr.File(label="Image: GeoTIFF, PNG or JPEG", file_count="single", elem_id="rs-upload")

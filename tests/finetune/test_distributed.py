@@ -34,6 +34,7 @@ def test_zero3_two_cpu_ranks_train_and_checkpoint_loads(tmp_path, colour_set):
         "finetune", "demo", "base_model=preset:tiny", f"train_data={colour_set}", f"output_dir={out}",
         "deepspeed=zero3", "max_steps=3", "save_steps=3", "max_length=160", "per_device_train_batch_size=1",
         "learning_rate=0.003", "warmup_ratio=0", "train_vision_tower=false", "render={}", "num_train_epochs=1",
+        "logging_steps=1", "save_total_limit=2",
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

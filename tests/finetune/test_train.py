@@ -91,7 +91,7 @@ def test_full_run_loss_goes_down_and_model_loads(full_run):
 
 def test_lora_run_adapters_save_load_merge_identically(tmp_path, colour_set, make_recipe):
     capture = _Capture()
-    recipe = make_recipe(colour_set, tmp_path / "lora", mode="lora")
+    recipe = make_recipe(colour_set, tmp_path / "lora", mode="lora", gradient_checkpointing=True)
     summary = run_training(recipe, callbacks=[capture])
     rows = read_loss_csv(tmp_path / "lora" / "loss.csv")
     first_epoch, second_epoch = _epoch_means(rows)

@@ -534,6 +534,25 @@ def write_report(task: str, metrics: dict, out_dir: Path, model: str, data: str)
 # The run
 
 
+def model_render_defaults(model_path: str | Path) -> dict:
+    """The render options a model folder records in ``longllava_defaults.json`` (written by training:
+    the slice count / image size / tile size / tile cap it was trained with); ``{}`` when absent."""
+    from finetune.train import INFERENCE_DEFAULTS_FILE
+    from longllava.errors import UserInputError
+    from longllava.loading import resolve_model_dir
+
+    try:
+        path = resolve_model_dir(model_path) / INFERENCE_DEFAULTS_FILE
+    except UserInputError:
+        return {}  # loading the model reports the problem with the path
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("render") or {})
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise FinetuneError(f"{path}: not a JSON object with a 'render' mapping ({error}); fix or delete it") from None
+
+
 def evaluate(task: str, model_path: str, data: str, out_dir: str | Path, batch_size: int = 4,
              max_new_tokens: int | None = None, limit: int | None = None, split: str | None = None,
              render: dict | None = None, on_batch: Callable[[int, int], None] | None = None,
@@ -552,6 +571,8 @@ def evaluate(task: str, model_path: str, data: str, out_dir: str | Path, batch_s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, task, model_path, data)
+    if render is None:
+        render = model_render_defaults(model_path)
     items = load_items(task, data, out, split, render)
     if limit is not None:
         items = items[:limit]
@@ -561,7 +582,9 @@ def evaluate(task: str, model_path: str, data: str, out_dir: str | Path, batch_s
     generated = 0
     if todo:
         from finetune.merge import load_trained
+        from finetune.train import install_fast_scan_if_available
 
+        install_fast_scan_if_available()
         model, processor = loaded if loaded is not None else load_trained(model_path)
         generate = Generator(model, processor, max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task])
         cache_dir = out / "image_cache"

@@ -504,6 +504,7 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     if args.deepspeed and (args.hf_deepspeed_config.is_zero3() if args.hf_deepspeed_config else False):
         register_moe_leaf_modules(model)
     model = prepare_model(recipe, model)
+    install_fast_scan_if_available()
     dataset = build_train_dataset(recipe, processor, model, output_dir)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -522,6 +523,7 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(final_dir))
+        write_inference_defaults(final_dir, recipe.render)
         if recipe.mode == "lora":
             _point_adapter_at_base(final_dir, base_path)
     losses = [r["loss"] for r in read_loss_csv(output_dir / "loss.csv")]
@@ -536,6 +538,26 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     if trainer.is_world_process_zero():
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+INFERENCE_DEFAULTS_FILE = "longllava_defaults.json"
+
+
+def write_inference_defaults(model_dir: Path, render: dict) -> None:
+    """Record the render options the model was trained with (CT slice count / size, tile size, tile cap)
+    in ``MODEL/longllava_defaults.json``, so evaluation and the apps feed it inputs it can handle."""
+    if render:
+        (model_dir / INFERENCE_DEFAULTS_FILE).write_text(json.dumps({"render": dict(render)}, indent=2) + "\n")
+
+
+def install_fast_scan_if_available() -> None:
+    """Route Jamba's Mamba layers through ``longllava.scan`` (transformers' CPU fallback loops over time in
+    Python: minutes per step for a demo-sized model); a no-op where the module is absent."""
+    try:
+        from longllava.scan import install_fast_scan
+    except ImportError:
+        return
+    install_fast_scan()
 
 
 def _point_adapter_at_base(adapter_dir: Path, base_path: str) -> None:

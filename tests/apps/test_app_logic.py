@@ -242,19 +242,23 @@ def test_old_exports_are_removed(config) -> None:
 
 
 def test_streamed_answer_matches_plain_generate_and_reports_progress(tiny_model_dir: Path) -> None:
-    """The apps' answer path (long-context session when present) equals transformers' generate."""
+    """The apps' answer path (long-context session, streamed) equals transformers' greedy generate."""
+    import torch
     from PIL import Image
 
-    from apps.engine import _session_class, _stream_with_generate, load_shared_model, stream_answer
-    from longllava.protocol import series_prompt
+    from apps.engine import load_shared_model, stream_answer
+    from longllava.protocol import render_prompt, series_prompt
 
     shared = load_shared_model(str(tiny_model_dir))
     images = [Image.new("RGB", (64, 64), (40 * i, 90, 200 - 30 * i)) for i in range(5)]
     messages = [{"role": "user", "content": f"{series_prompt(5)}\nWhat is shown?"}]
     calls: list[tuple[int, int, str]] = []
     pieces = list(stream_answer(shared, messages, images, 12, progress=lambda *call: calls.append(call)))
-    assert "".join(pieces) == "".join(_stream_with_generate(shared, messages, images, 12, None))
-    assert calls and calls[0][1] == 5  # the first report counts the images to encode
-    if _session_class() is not None:
-        assert len(pieces) > 1  # streamed piece by piece
-        assert any(done == total == 5 for done, total, _ in calls)  # encoding finished before decoding
+
+    inputs = shared.processor(text=render_prompt(messages), images=images, return_tensors="pt")
+    with torch.inference_mode():
+        output = shared.model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    expected = shared.processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "".join(pieces) == expected
+    assert len(pieces) > 1  # streamed piece by piece
+    assert calls[0][1] == 5 and any(done == total == 5 for done, total, _ in calls)  # image encoding reported

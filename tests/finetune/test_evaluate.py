@@ -147,3 +147,56 @@ def test_closed_vqa_end_to_end(tmp_path, tiny_base, tiny_loaded):
     assert by_hand["accuracy"] == pytest.approx(2 / 3)  # B = "no" is right for items 0 and 2
     with pytest.raises(FinetuneError, match="not found"):
         evaluate("closed-vqa", str(tiny_base), str(tmp_path / "missing.json"), tmp_path / "x", loaded=tiny_loaded)
+
+
+def test_batched_generation_matches_one_by_one(tmp_path, tiny_base, tiny_loaded):
+    spec = "synthetic:n_images=1,3;depths=0,1;seed=2;size=56"  # prompts of different lengths: left padding
+    predictions = {}
+    for batch_size in (1, 4):
+        evaluate("niah", str(tiny_base), spec, tmp_path / str(batch_size), batch_size=batch_size,
+                 max_new_tokens=5, loaded=tiny_loaded)
+        predictions[batch_size] = [r["prediction"] for r in _rows(tmp_path / str(batch_size) / "predictions.jsonl")]
+    assert predictions[1] == predictions[4]
+
+
+def _fake_ct_rate_root(root: Path) -> Path:
+    """A CT-RATE-layout folder with two seeded phantom volumes, reports and the 18 labels."""
+    import csv
+
+    from domain_data.medical.metrics import CT_RATE_ABNORMALITIES
+    from domain_data.medical.synthetic_dicom import phantom_hu, write_nifti
+
+    names = ["valid_1_a_1.nii.gz", "valid_2_a_1.nii.gz"]
+    for i, name in enumerate(names):
+        folder = root / "dataset/valid" / name[:7] / name[:9]
+        folder.mkdir(parents=True)
+        write_nifti(folder / name, phantom_hu(6, 40, 40, seed=i))
+    (root / "dataset/radiology_text_reports").mkdir(parents=True)
+    with open(root / "dataset/radiology_text_reports/validation_reports.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["VolumeName", "Findings_EN", "Impressions_EN"])
+        writer.writerows([[names[0], "Cardiomegaly is present.", "Cardiomegaly."],
+                          [names[1], "No pleural effusion.", "Normal."]])
+    (root / "dataset/multi_abnormality_labels").mkdir(parents=True)
+    with open(root / "dataset/multi_abnormality_labels/valid_predicted_labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["VolumeName", *CT_RATE_ABNORMALITIES])
+        writer.writerow([names[0], *[int(a == "Cardiomegaly") for a in CT_RATE_ABNORMALITIES]])
+        writer.writerow([names[1], *[0] * len(CT_RATE_ABNORMALITIES)])
+    return root
+
+
+def test_ct_rate_release_layout_for_training_records_and_evaluation(tmp_path, tiny_base, tiny_loaded):
+    from finetune.data import load_records
+
+    root = _fake_ct_rate_root(tmp_path / "CT-RATE")
+    records = load_records(f"ct-rate:{root}:valid", render_defaults={"num_slices": 2})
+    assert [r.id for r in records] == ["valid_1_a_1.nii.gz", "valid_2_a_1.nii.gz"]
+    assert records[0].conversations[1]["value"] == "Findings: Cardiomegaly is present.\nImpressions: Cardiomegaly."
+    assert records[0].ct.is_file() and records[0].layout == "series"
+    result = evaluate("ct-rate", str(tiny_base), str(root), tmp_path / "eval", max_new_tokens=4,
+                      render={"num_slices": 2, "size": 56}, loaded=tiny_loaded)
+    reports = result.metrics["reports"]
+    assert result.metrics["n"] == 2 and len(reports["per_abnormality"]) == 18
+    assert reports["present_abnormalities"] == ["Cardiomegaly"]
+    assert (tmp_path / "eval" / "report.md").is_file()

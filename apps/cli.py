@@ -23,9 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload accepted (MB)")
     parser.add_argument("--concurrency", type=int, default=2, help="model calls running at once (queue limit)")
     parser.add_argument("--queue-size", type=int, default=64, help="requests allowed to wait in the queue")
-    parser.add_argument("--max-slices", type=int, default=None,
-                        help="CT slices given to the model (default: the study's own count, clipped to 100-984)")
-    parser.add_argument("--max-tiles", type=int, default=64, help="tile budget for satellite images")
+    parser.add_argument("--num-slices", type=int, default=None,
+                        help="CT slices given to the model, resampled along z (default: what the model folder's "
+                        "longllava_defaults.json records, else the study's own count clipped to 100-984)")
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="tile budget for satellite images (default: the model folder's, else 64)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     parser.add_argument("--cache-dir", default=None, help="where samples and exports are written "
                         "(default: a folder in the system temp dir)")
@@ -37,18 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace):
     from apps.common import AppConfig, AppInputError
 
-    for name in ("concurrency", "queue_size", "max_tiles", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise AppInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_slices is not None and args.max_slices < 1:
-        raise AppInputError(f"--max-slices must be at least 1, got {args.max_slices}")
+    for name in ("concurrency", "queue_size", "max_tiles", "max_new_tokens", "num_slices"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise AppInputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.max_upload_mb <= 0:
         raise AppInputError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     config = AppConfig(
         max_upload_mb=args.max_upload_mb,
         concurrency_limit=args.concurrency,
         queue_max_size=args.queue_size,
-        num_slices=args.max_slices,
+        num_slices=args.num_slices,
         max_tiles=args.max_tiles,
         max_new_tokens=args.max_new_tokens,
         preload_samples=args.preload_samples,
@@ -63,13 +64,14 @@ def run_app(args: argparse.Namespace) -> int:
 
     from apps.common import resolve_auth
     from apps.engine import load_shared_model
-    from apps.launcher import APP_KINDS, build_app, launch_app
+    from apps.launcher import APP_KINDS, apply_model_defaults, build_app, launch_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = config_from_args(args)
     resolve_auth(args.host)  # fail before the model loads
     shared = load_shared_model(args.model, device=args.device)
+    config = apply_model_defaults(config, args.model)
     config.model_name = shared.name
     if config.preload_samples:  # render the samples now, not on the first page load
         from apps.samples import sample_ct_study, sample_raster

@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,19 @@ class AppInputError(UserInputError):
     """Bad input given to an app (no file, file too large, question missing, nothing loaded yet)."""
 
 
+RENDER_FIELDS: tuple[str, ...] = ("num_slices", "spacing_mm", "window", "slice_size", "tile_size", "max_tiles")
+DEFAULT_MAX_TILES = 64
+
+
 @dataclass
 class AppConfig:
-    """Limits and defaults for the apps; the CLI and the tests fill it.
+    """Limits and rendering options for the apps; the CLI, the model folder and the tests fill it.
 
-    ``num_slices`` None keeps the medical loader's default (the study's own count clipped to
-    100-984); tests cap it to a handful so the tiny model answers in a second.
+    Rendering (None = not set): ``num_slices`` / ``spacing_mm`` / ``window`` / ``slice_size`` go to
+    ``ct_to_slices`` (unset: the study's own slice count clipped to 100-984, multi-window RGB, the
+    vision tower's input size); ``tile_size`` / ``max_tiles`` go to ``tile_image`` (unset: the vision
+    input size and 64 tiles). A model folder's ``longllava_defaults.json`` (written by training) fills
+    what the command line left unset, so the apps render inputs the way the model saw them.
     ``preload_samples`` opens every page with the sample study and image already loaded.
     """
 
@@ -45,13 +52,24 @@ class AppConfig:
     concurrency_limit: int = 2
     queue_max_size: int = 64
     num_slices: int | None = None
-    max_tiles: int = 64
+    spacing_mm: float | None = None
+    window: str | None = None
+    slice_size: int | None = None
+    tile_size: int | None = None
+    max_tiles: int | None = None
     max_new_tokens: int = 256
     findings_max_new_tokens: int = 384
-    image_size: int | None = None
     preload_samples: bool = False
     cache_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "longllava-apps")
     model_name: str = "model"
+
+    def with_render_defaults(self, render: dict[str, Any]) -> AppConfig:
+        """A copy with unset rendering options taken from a model's recorded ``render`` mapping."""
+        aliases = {"size": "slice_size"}  # the training recipes' name for the slice side
+        values = {aliases.get(key, key): value for key, value in render.items()}
+        updates = {name: values[name] for name in RENDER_FIELDS
+                   if name in values and getattr(self, name) is None and values[name] is not None}
+        return replace(self, **updates)
 
     def export_dir(self) -> Path:
         path = Path(self.cache_dir) / "exports"

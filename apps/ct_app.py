@@ -107,7 +107,7 @@ def stage_upload(paths: list[Path], workdir: Path) -> Path:
     return folder
 
 
-def load_study(paths: list[Path], config: AppConfig, image_size: int) -> CTStudy:
+def load_study(paths: list[Path], config: AppConfig, slice_size: int) -> CTStudy:
     """Read an uploaded study and prepare the model's slices and the viewer's volume."""
     from domain_data.medical.ct import load_ct
     from domain_data.medical.slices import ct_to_slices
@@ -115,7 +115,8 @@ def load_study(paths: list[Path], config: AppConfig, image_size: int) -> CTStudy
     check_upload_size(paths, config.max_upload_mb)
     with tempfile.TemporaryDirectory(prefix="ct-upload-", dir=_work_root(config)) as workdir:
         volume = load_ct(stage_upload(paths, Path(workdir)))
-    slices = ct_to_slices(volume, num_slices=config.num_slices, window="multi", size=image_size)
+    slices = ct_to_slices(volume, num_slices=config.num_slices, spacing_mm=config.spacing_mm, window=config.window or "multi",
+                          size=slice_size)
     images = list(slices.images)
     hu = np.asarray(volume.hu)
     summary = summary_fields(volume, hu.shape, len(images))
@@ -313,7 +314,7 @@ class CTHandlers:
     def __init__(self, shared: SharedModel, config: AppConfig) -> None:
         self.shared = shared
         self.config = config
-        self.image_size = config.image_size or shared.image_size()
+        self.slice_size = config.slice_size or shared.image_size()
 
     def loaded(self, study: CTStudy, window_name: str, note: str) -> tuple:
         """Outputs after a study loads: state, status, summary, slider, slice, montage, chat, findings,
@@ -329,14 +330,14 @@ class CTHandlers:
 
     def on_upload(self, files: Any, window_name: str, progress: Any = None) -> tuple:
         _report(progress, 0.1, "Reading the study")
-        study = load_study(upload_paths(files), self.config, self.image_size)
+        study = load_study(upload_paths(files), self.config, self.slice_size)
         return self.loaded(study, window_name, "Study loaded.")
 
     def on_sample(self, window_name: str, progress: Any = None) -> tuple:
         from apps.samples import sample_ct_study
 
         _report(progress, 0.1, "Preparing the sample study")
-        study = load_study([sample_ct_study(self.config.sample_dir())], self.config, self.image_size)
+        study = load_study([sample_ct_study(self.config.sample_dir())], self.config, self.slice_size)
         return self.loaded(study, window_name, "Sample study loaded (synthetic phantom).")
 
     def on_view(self, study: CTStudy | None, index: float, window_name: str) -> tuple:

@@ -68,6 +68,16 @@ def _as_shared(shared: SharedModel | tuple[Any, Any]) -> SharedModel:
     return SharedModel(model=model, processor=processor)
 
 
+def apply_model_defaults(config: AppConfig, model_path: str) -> AppConfig:
+    """Fill unset rendering options from the model folder's ``longllava_defaults.json`` (if any)."""
+    from finetune.evaluate import model_render_defaults
+
+    render = model_render_defaults(model_path)
+    if render:
+        LOG.info("rendering options recorded with the model: %s", render)
+    return config.with_render_defaults(render)
+
+
 def launch_app(app: Any, config: AppConfig, host: str = "127.0.0.1", port: int = 7860,
                block: bool = True) -> Any:
     """Serve ``app``; refuses a non-loopback address unless a login is configured."""

@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from apps.common import (
+    DEFAULT_MAX_TILES,
     AppConfig,
     AppInputError,
     check_upload_size,
@@ -70,7 +71,7 @@ def load_image(paths: list[Path], config: AppConfig, tile_size: int) -> RSImage:
     if len(paths) > 1:
         raise AppInputError(f"{len(paths)} files uploaded: upload one image at a time")
     check_upload_size(paths, config.max_upload_mb)
-    tiled = tile_image(paths[0], tile_size=tile_size, max_tiles=config.max_tiles)
+    tiled = tile_image(paths[0], tile_size=tile_size, max_tiles=config.max_tiles or DEFAULT_MAX_TILES)
     rows, cols = (int(v) for v in tiled.grid)
     cell = max(24, min(MAX_CELL, OVERVIEW_MAX_SIDE // max(rows, cols)))  # display size, may upscale
     tile_images = list(tiled.iter_tiles())
@@ -215,7 +216,7 @@ class RSHandlers:
     def __init__(self, shared: SharedModel, config: AppConfig) -> None:
         self.shared = shared
         self.config = config
-        self.tile_size = config.image_size or shared.image_size()
+        self.tile_size = config.tile_size or shared.image_size()
 
     def loaded(self, image: RSImage, note: str) -> tuple:
         """Outputs after an image loads: state, status, info, overlay, chat, GeoJSON file, chat status."""

@@ -33,7 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 # Small caps so the tiny model answers in well under a second per question.
-SERVER_LIMITS = ["--max-slices", "4", "--max-tiles", "4", "--max-new-tokens", "8", "--concurrency", "2",
+SERVER_LIMITS = ["--num-slices", "4", "--max-tiles", "4", "--max-new-tokens", "8", "--concurrency", "2",
                  "--max-upload-mb", "20"]
 
 # Fake identifiers written into the DICOM headers of the privacy fixture.

@@ -33,7 +33,7 @@ def test_dicom_files_and_zip_load_with_capped_slices_and_no_identifiers(study_fi
     from apps.ct_app import export_markdown, export_payload, load_study, summary_markdown
 
     for upload in (study_files.dicom_files, [study_files.dicom_zip]):
-        study = load_study(list(upload), config, image_size=56)
+        study = load_study(list(upload), config, slice_size=56)
         assert len(study.model_slices) == 4
         assert study.visual_prompt.count("<image>") == 4
         assert study.summary["slices"] == 16 and study.summary["modality"] == "CT"
@@ -49,7 +49,7 @@ def test_dicom_files_and_zip_load_with_capped_slices_and_no_identifiers(study_fi
 def test_viewer_windows_and_montage(study_files, config) -> None:
     from apps.ct_app import load_study, montage_view, slice_view
 
-    study = load_study([study_files.nifti], config, image_size=56)
+    study = load_study([study_files.nifti], config, slice_size=56)
     lung, mediastinum = slice_view(study, 8, "lung"), slice_view(study, 8, "mediastinum")
     assert lung.size == mediastinum.size and min(lung.size) >= 320
     assert np.asarray(lung).mean() != np.asarray(mediastinum).mean()
@@ -72,7 +72,7 @@ def test_findings_checklist_parses_all_18(config) -> None:
 def test_model_messages_put_the_series_in_the_first_turn_only(study_files, config) -> None:
     from apps.ct_app import load_study, model_messages
 
-    study = load_study([study_files.nifti], config, image_size=56)
+    study = load_study([study_files.nifti], config, slice_size=56)
     first = model_messages(study, "Q1")
     assert first == [{"role": "user", "content": f"{study.visual_prompt}\nQ1"}]
     study.turns.append(("Q1", "A1"))
@@ -86,13 +86,13 @@ def test_upload_limit_and_empty_upload(study_files, config) -> None:
 
     config.max_upload_mb = 0.001
     with pytest.raises(AppInputError, match="over this app's limit"):
-        load_study([study_files.nifti], config, image_size=56)
+        load_study([study_files.nifti], config, slice_size=56)
     with pytest.raises(AppInputError, match="no file uploaded"):
-        load_study([], config, image_size=56)
+        load_study([], config, slice_size=56)
     check_upload_size([study_files.bad_file], max_mb=1.0)  # small files pass
     config.max_upload_mb = 100
     with pytest.raises(AppInputError, match="one NIfTI file or one .zip at a time"):
-        load_study([study_files.nifti, *study_files.other_niftis[:1]], config, image_size=56)
+        load_study([study_files.nifti, *study_files.other_niftis[:1]], config, slice_size=56)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -262,3 +262,21 @@ def test_streamed_answer_matches_plain_generate_and_reports_progress(tiny_model_
     assert "".join(pieces) == expected
     assert len(pieces) > 1  # streamed piece by piece
     assert calls[0][1] == 5 and any(done == total == 5 for done, total, _ in calls)  # image encoding reported
+
+
+def test_model_folder_render_defaults_fill_unset_options(tiny_model_dir: Path, tmp_path: Path, study_files) -> None:
+    """Options recorded by training (longllava_defaults.json) apply unless the command line set them."""
+    import shutil
+
+    from apps.ct_app import load_study
+    from apps.launcher import apply_model_defaults
+    from finetune.train import write_inference_defaults
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    write_inference_defaults(model_dir, {"num_slices": 6, "size": 48, "tile_size": 112, "max_tiles": 9})
+    config = apply_model_defaults(AppConfig(max_tiles=4, cache_dir=tmp_path / "cache"), str(model_dir))
+    assert (config.num_slices, config.slice_size, config.tile_size, config.max_tiles) == (6, 48, 112, 4)
+    assert apply_model_defaults(AppConfig(), str(tiny_model_dir)) == AppConfig()  # nothing recorded
+    study = load_study([study_files.nifti], config, slice_size=config.slice_size)
+    assert len(study.model_slices) == 6 and study.model_slices[0].size == (48, 48)

@@ -116,7 +116,7 @@ def test_eight_concurrent_sessions_with_100_slices(app_server_factory, tmp_path:
 
     studies = [write_nifti(make_ct_phantom(seed=200 + i, n_slices=100 + 8 * i, size=128), tmp_path / f"s{i}.nii.gz")
                for i in range(SESSIONS)]
-    server = app_server_factory("--max-slices", "100")
+    server = app_server_factory("--num-slices", "100")
     load_test(server, studies, 100, "100_slices", artifacts_dir)
 
 

@@ -59,6 +59,11 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N items")
     parser.add_argument("--split", default=None, help="dataset split where the task has several")
+    parser.add_argument("--render", default=None, metavar="YAML",
+                        help="CT / raster options, e.g. '{num_slices: 64, max_tiles: 36}' (default: the model's "
+                        "longllava_defaults.json, else the domain defaults)")
+    parser.add_argument("--long-context-tokens", type=int, default=8192,
+                        help="prompts longer than this run one at a time with chunked prefill (default 8192)")
     parser.add_argument("--json", action="store_true", help="print metrics as JSON")
     parser.set_defaults(func=run_evaluate)
 
@@ -92,10 +97,17 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from finetune import FinetuneError
     from finetune.evaluate import evaluate
 
+    render = yaml.safe_load(args.render) if args.render else None
+    if render is not None and not isinstance(render, dict):
+        raise FinetuneError(f"--render {args.render!r}: give a YAML mapping, e.g. '{{num_slices: 64}}'")
     result = evaluate(args.task, args.model, args.data, args.out, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, limit=args.limit, split=args.split)
+                      max_new_tokens=args.max_new_tokens, limit=args.limit, split=args.split, render=render,
+                      long_context_tokens=args.long_context_tokens)
     if args.json:
         from longllava.cli import print_json
 

@@ -284,26 +284,60 @@ def _check_run(out_dir: Path, task: str, model: str, data: str) -> None:
 
 
 class Generator:
-    """Greedy answers for batches of (chat prompt, images) with a model and its processor."""
+    """Greedy answers for batches of (chat prompt, images) with a model and its processor.
 
-    def __init__(self, model: Any, processor: Any, max_new_tokens: int) -> None:
+    Prompts up to ``long_context_tokens`` (after image expansion) go through ``model.generate`` in a
+    left-padded batch; longer ones one at a time through :class:`longllava.session.LongContextSession`
+    (images encoded in batches, chunked prefill), so a 1,000-image haystack never materialises all
+    pixel tensors or one 144k-token forward pass.
+    """
+
+    def __init__(self, model: Any, processor: Any, max_new_tokens: int, long_context_tokens: int = 8192) -> None:
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
+        self.long_context_tokens = long_context_tokens
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer.padding_side = "left"
+        self._session = None
+
+    def prompt_tokens(self, prompt: str, n_images: int) -> int:
+        """Length of ``prompt`` once every ``<image>`` is expanded."""
+        per_image = int(getattr(self.processor, "tokens_per_image", 1))
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + n_images * (per_image - 1)
 
     def __call__(self, prompts: Sequence[str], images: Sequence[Sequence[Any]]) -> list[str]:
+        answers: list[str | None] = [None] * len(prompts)
+        short = []
+        for index, (prompt, group) in enumerate(zip(prompts, images)):
+            if self.prompt_tokens(prompt, len(group)) > self.long_context_tokens:
+                answers[index] = self._long(prompt, group)
+            else:
+                short.append(index)
+        if short:
+            for index, answer in zip(short, self._batch([prompts[i] for i in short], [images[i] for i in short])):
+                answers[index] = answer
+        return [a or "" for a in answers]
+
+    def _batch(self, prompts: Sequence[str], images: Sequence[Sequence[Any]]) -> list[str]:
         import torch
 
         flat = [image for group in images for image in group]
         inputs = self.processor(text=list(prompts), images=flat or None, padding=True, return_tensors="pt")
+        inputs = {key: value.to(self.model.device) for key, value in inputs.items()}
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.inference_mode():
             output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                          pad_token_id=pad_id, eos_token_id=self.tokenizer.eos_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _long(self, prompt: str, images: Sequence[Any]) -> str:
+        if self._session is None:
+            from longllava.session import LongContextSession
+
+            self._session = LongContextSession(self.model, self.processor)
+        return str(self._session.generate(prompt, list(images), max_new_tokens=self.max_new_tokens)).strip()
 
 
 def item_prompt(item: EvalItem, cache_dir: Path) -> tuple[str, list]:
@@ -556,7 +590,7 @@ def model_render_defaults(model_path: str | Path) -> dict:
 def evaluate(task: str, model_path: str, data: str, out_dir: str | Path, batch_size: int = 4,
              max_new_tokens: int | None = None, limit: int | None = None, split: str | None = None,
              render: dict | None = None, on_batch: Callable[[int, int], None] | None = None,
-             loaded: tuple[Any, Any] | None = None) -> EvalResult:
+             loaded: tuple[Any, Any] | None = None, long_context_tokens: int = 8192) -> EvalResult:
     """Predict the items not yet in ``OUT/predictions.jsonl``, then score all and write the report.
 
     ``on_batch(done, total)`` is called after each saved batch. ``loaded`` = (model, processor) skips
@@ -586,7 +620,7 @@ def evaluate(task: str, model_path: str, data: str, out_dir: str | Path, batch_s
 
         install_fast_scan_if_available()
         model, processor = loaded if loaded is not None else load_trained(model_path)
-        generate = Generator(model, processor, max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task])
+        generate = Generator(model, processor, max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task], long_context_tokens)
         cache_dir = out / "image_cache"
         progress = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"evaluate {task}", unit="item")
         for start in range(0, len(todo), batch_size):

@@ -54,11 +54,15 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base: str | None = 
 
 
 def load_trained(path: str | Path) -> tuple[Any, Any]:
-    """A model folder, ``demo``, or a LoRA adapter folder (loaded onto its base) -> (model, processor)."""
+    """A model folder, ``demo``, or a LoRA adapter folder -> (plain model in eval mode, processor).
+
+    Adapters are loaded onto their base and merged in memory (same outputs, tested; faster, and the
+    long-context session needs the plain model)."""
     from longllava.loading import load_model
 
     if str(path) != "demo" and is_adapter_dir(path):
-        return load_adapter_model(path)
+        model, processor = load_adapter_model(path)
+        return model.merge_and_unload().eval(), processor
     model, processor = load_model(str(path))
     model.eval()
     return model, processor

@@ -149,14 +149,16 @@ def test_closed_vqa_end_to_end(tmp_path, tiny_base, tiny_loaded):
         evaluate("closed-vqa", str(tiny_base), str(tmp_path / "missing.json"), tmp_path / "x", loaded=tiny_loaded)
 
 
-def test_batched_generation_matches_one_by_one(tmp_path, tiny_base, tiny_loaded):
+def test_batched_and_long_context_generation_match_one_by_one(tmp_path, tiny_base, tiny_loaded):
     spec = "synthetic:n_images=1,3;depths=0,1;seed=2;size=56"  # prompts of different lengths: left padding
     predictions = {}
-    for batch_size in (1, 4):
-        evaluate("niah", str(tiny_base), spec, tmp_path / str(batch_size), batch_size=batch_size,
-                 max_new_tokens=5, loaded=tiny_loaded)
-        predictions[batch_size] = [r["prediction"] for r in _rows(tmp_path / str(batch_size) / "predictions.jsonl")]
-    assert predictions[1] == predictions[4]
+    for name, batch_size, long_context_tokens in (("single", 1, 8192), ("batched", 4, 8192), ("session", 4, 1)):
+        evaluate("niah", str(tiny_base), spec, tmp_path / name, batch_size=batch_size, max_new_tokens=5,
+                 loaded=tiny_loaded, long_context_tokens=long_context_tokens)
+        predictions[name] = [r["prediction"] for r in _rows(tmp_path / name / "predictions.jsonl")]
+    # "session": every prompt goes through LongContextSession (batched image encoding, chunked prefill)
+    assert predictions["single"] == predictions["batched"] == predictions["session"]
+    assert any(predictions["single"])
 
 
 def _fake_ct_rate_root(root: Path) -> Path:

@@ -244,17 +244,15 @@ def chat_history(study: CTStudy | None) -> list[dict]:
 
 
 def findings_question() -> str:
-    from domain_data.medical.metrics import CT_RATE_ABNORMALITIES
+    """The report request the CT models are trained and scored with (CT-RATE: report -> 18 labels)."""
+    from finetune.evaluate import REPORT_QUESTION
 
-    listed = "\n".join(f"- {name}" for name in CT_RATE_ABNORMALITIES)
-    return (
-        "For each abnormality below, answer on its own line with the abnormality name, a colon and "
-        f"yes or no:\n{listed}"
-    )
+    return REPORT_QUESTION
 
 
 def findings_table(raw_answer: str) -> dict[str, str]:
-    """Parse the model's checklist answer into present / not found per abnormality."""
+    """Parse the model's report into present / not found for each of CT-RATE's 18 abnormalities
+    (``parse_findings``: explicit "name: yes/no" lines, else negation-aware mentions)."""
     from domain_data.medical.metrics import CT_RATE_ABNORMALITIES, parse_findings
 
     parsed = parse_findings(raw_answer)
@@ -277,7 +275,7 @@ def export_payload(study: CTStudy, model_name: str) -> dict[str, Any]:
         "study": study.summary,
         "conversation": [{"question": q, "answer": a} for q, a in study.turns],
         "findings": study.findings,
-        "findings_model_output": study.findings_raw,
+        "findings_report": study.findings_raw,
     }
 
 
@@ -290,6 +288,8 @@ def export_markdown(payload: dict[str, Any]) -> str:
         lines += [f"**Q{number}.** {turn['question']}", "", f"**A{number}.** {turn['answer']}", ""]
     lines += ["## Findings checklist (CT-RATE abnormalities)", ""]
     if payload["findings"]:
+        quoted = "\n".join(f"> {line}" for line in (payload["findings_report"].strip() or "(empty)").splitlines())
+        lines += ["Parsed from the model's report:", "", quoted, ""]
         lines += ["| Abnormality | Finding |", "|---|---|"]
         lines += [f"| {name} | {label} |" for name, label in payload["findings"].items()]
     else:
@@ -318,7 +318,7 @@ class CTHandlers:
 
     def loaded(self, study: CTStudy, window_name: str, note: str) -> tuple:
         """Outputs after a study loads: state, status, summary, slider, slice, montage, chat, findings,
-        chat status."""
+        chat status, report."""
         import gradio as gr
 
         depth = study.viewer_hu.shape[0]
@@ -326,7 +326,7 @@ class CTHandlers:
         LOG.info("ct study loaded: %d slices, %d for the model", depth, len(study.model_slices))
         slider = gr.Slider(minimum=0, maximum=max(depth - 1, 1), value=middle, step=1)
         return (study, f"{note} {len(study.model_slices)} slices ready for the model.", summary_markdown(study),
-                slider, slice_view(study, middle, window_name), montage_view(study, window_name), [], None, "")
+                slider, slice_view(study, middle, window_name), montage_view(study, window_name), [], None, "", "")
 
     def on_upload(self, files: Any, window_name: str, progress: Any = None) -> tuple:
         _report(progress, 0.1, "Reading the study")
@@ -372,13 +372,13 @@ class CTHandlers:
         yield history, f"Answered in {took:.1f} s.", "", study
 
     def on_findings(self, study: CTStudy | None, progress: Any = None):
-        """Run the 18-abnormality checklist: yields (table, status, state, exports)."""
+        """Ask for the report, parse the 18 abnormalities: yields (table, status, state, exports, report)."""
         import gradio as gr
 
         study = _require_study(study)
         count = len(study.model_slices)
         _report(progress, 0.0, f"Encoding {count} slices")
-        yield gr.skip(), f"Running the findings checklist over {count} slices…", study, gr.skip()
+        yield gr.skip(), f"Running the findings checklist over {count} slices…", study, gr.skip(), gr.skip()
         messages = [{"role": "user", "content": f"{study.visual_prompt}\n{findings_question()}"}]
         raw = "".join(stream_answer(self.shared, messages, study.model_slices,
                                     self.config.findings_max_new_tokens, progress_bridge(progress)))
@@ -386,7 +386,9 @@ class CTHandlers:
         study.findings = findings_table(raw)
         rows = [[name, label] for name, label in study.findings.items()]
         present = sum(label == "present" for label in study.findings.values())
-        yield rows, f"Findings checklist done: {present} of {len(rows)} marked present.", study, gr.skip()
+        shown = raw.strip() or "(the model returned no text)"
+        yield (rows, f"Findings checklist done: {present} of {len(rows)} marked present.", study, gr.skip(),
+               f"**Model's report** (parsed into the checklist): {shown}")
 
     def on_export(self, study: CTStudy | None) -> tuple:
         study = _require_study(study)
@@ -423,19 +425,22 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
                               elem_id="ct-question")
         ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="ct-ask")
     with gr.Row():
-        findings_button = gr.Button("Findings checklist (18 CT-RATE abnormalities)", elem_id="ct-findings-btn")
+        findings_button = gr.Button("Findings checklist (report -> 18 CT-RATE abnormalities)",
+                                    elem_id="ct-findings-btn")
         export_button = gr.Button("Export conversation + findings", elem_id="ct-export-btn")
     findings = gr.Dataframe(headers=["Abnormality", "Finding"], label="Findings checklist",
                             interactive=False, elem_id="ct-findings")
+    report = gr.Markdown("", elem_id="ct-report")
     exports = gr.File(label="Exports (JSON, markdown)", file_count="multiple", interactive=False,
                       elem_id="ct-exports", height=120)
 
-    loaded_outputs = [study_state, status, summary, slice_index, view, montage_image, chatbot, findings, chat_status]
+    loaded_outputs = [study_state, status, summary, slice_index, view, montage_image, chatbot, findings, chat_status,
+                      report]
     on_upload = guarded("load CT study", len(loaded_outputs), 1)(with_progress(handlers.on_upload))
     on_sample = guarded("load sample CT study", len(loaded_outputs), 1)(with_progress(handlers.on_sample))
     on_view = guarded("show CT slice", 3, 2)(handlers.on_view)
     on_ask = guarded("answer CT question", 4, 1)(with_progress(handlers.on_ask))
-    on_findings = guarded("run findings checklist", 4, 1)(with_progress(handlers.on_findings))
+    on_findings = guarded("run findings checklist", 5, 1)(with_progress(handlers.on_findings))
     on_export = guarded("export CT conversation", 2, 1)(handlers.on_export)
 
     model_queue = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=config.concurrency_limit)
@@ -451,7 +456,7 @@ def build_ct_tab(shared: SharedModel, config: AppConfig) -> dict[str, Any]:
                      **model_queue)
     ask_button.click(**ask_event, api_name="ct_ask")
     question.submit(**ask_event, api_name=False)
-    findings_button.click(on_findings, [study_state], [findings, chat_status, study_state, exports],
+    findings_button.click(on_findings, [study_state], [findings, chat_status, study_state, exports, report],
                           api_name="ct_findings", show_progress_on=[chat_status], **model_queue)
     export_button.click(on_export, [study_state], [exports, chat_status], api_name="ct_export", **view_queue)
     return dict(fn=on_sample, inputs=[window], outputs=loaded_outputs, **load_queue)

@@ -69,10 +69,14 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    import os
+
     from finetune.train import load_recipe, run_training
 
     recipe = load_recipe(args.recipe, args.overrides)
     summary = run_training(recipe, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one summary per run, from the main process
     if args.json:
         from longllava.cli import print_json
 

@@ -11,6 +11,13 @@ A record (one JSON object; files are a JSON list or JSONL)::
      "render": {"num_slices": 128, "max_tiles": 64, "tile_size": 336},   # options for ct / raster
      "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
 
+The synthetic sets' form is accepted too: one ``image`` that is a CT study (``.nii``/``.nii.gz``/``.zip``/
+``.dcm`` or a DICOM folder) with ``layout: series`` is read as ``ct``; one ``image`` with ``layout: grid``
+and no ``grid`` is read as ``raster``; render options may also sit at the top level of the record
+(``num_slices``, ``spacing_mm``, ``window``, ``size``, ``tile_size``, ``max_tiles``). Precedence:
+``render`` > top-level keys > the recipe's ``render`` defaults. ``ct-rate:ROOT[:SPLIT]`` as a data path
+reads a CT-RATE release (one report-writing record per volume).
+
 Image placeholders: if no human turn holds ``<image>``, the visual prompt of the layout
 (:mod:`longllava.protocol`) is put in front of the first human turn. Bare ``<image>`` tokens are
 wrapped: one per image for ``images``; a single ``<image>`` stands for the whole block for ``series``

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import time
@@ -566,7 +565,3 @@ def _point_adapter_at_base(adapter_dir: Path, base_path: str) -> None:
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = str(Path(base_path).resolve()) if Path(base_path).exists() else base_path
         config_path.write_text(json.dumps(config, indent=2))
-
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

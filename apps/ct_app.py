@@ -334,11 +334,12 @@ class CTHandlers:
         return self.loaded(study, window_name, "Study loaded.")
 
     def on_sample(self, window_name: str, progress: Any = None) -> tuple:
-        from apps.samples import sample_ct_study
+        from apps.samples import sample_ct_study, sample_truth
 
         _report(progress, 0.1, "Preparing the sample study")
-        study = load_study([sample_ct_study(self.config.sample_dir())], self.config, self.slice_size)
-        return self.loaded(study, window_name, "Sample study loaded (synthetic phantom).")
+        path = sample_ct_study(self.config.sample_dir())
+        study = load_study([path], self.config, self.slice_size)
+        return self.loaded(study, window_name, f"Sample study loaded (synthetic phantom; {sample_truth(path)}).")
 
     def on_view(self, study: CTStudy | None, index: float, window_name: str) -> tuple:
         import gradio as gr

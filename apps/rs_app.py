@@ -230,11 +230,12 @@ class RSHandlers:
         return self.loaded(load_image(upload_paths(file), self.config, self.tile_size), "Image loaded.")
 
     def on_sample(self, progress: Any = None) -> tuple:
-        from apps.samples import sample_raster
+        from apps.samples import sample_raster, sample_truth
 
         report_progress(progress, 0.1, "Preparing the sample image")
-        image = load_image([sample_raster(self.config.sample_dir())], self.config, self.tile_size)
-        return self.loaded(image, "Sample image loaded (synthetic scene).")
+        path = sample_raster(self.config.sample_dir())
+        image = load_image([path], self.config, self.tile_size)
+        return self.loaded(image, f"Sample image loaded (synthetic scene; {sample_truth(path)}).")
 
     def on_ask(self, image: RSImage | None, text: str, progress: Any = None):
         """Stream the answer: yields (chat, status, question box, state, overlay, GeoJSON file)."""

@@ -218,7 +218,7 @@ def test_raster_upload_errors(tmp_path: Path, raster_file: Path, config) -> None
 
 
 def test_samples_are_generated_once(tmp_path: Path) -> None:
-    from apps.samples import sample_ct_study, sample_raster
+    from apps.samples import sample_ct_study, sample_raster, sample_truth
 
     ct = sample_ct_study(tmp_path)
     raster = sample_raster(tmp_path)
@@ -226,6 +226,9 @@ def test_samples_are_generated_once(tmp_path: Path) -> None:
     stamp = ct.stat().st_mtime_ns, raster.stat().st_mtime_ns
     assert (sample_ct_study(tmp_path).stat().st_mtime_ns, sample_raster(tmp_path).stat().st_mtime_ns) == stamp
     assert not list(tmp_path.glob("partial-*"))
+    assert sample_truth(ct).startswith("rendered findings: ") and "Lung nodule" in sample_truth(ct)
+    assert sample_truth(raster).startswith("objects: ") and "row " in sample_truth(raster)
+    assert sample_truth(tmp_path / "elsewhere.nii.gz") == ""
 
 
 def test_old_exports_are_removed(config) -> None:

@@ -79,7 +79,8 @@ def scene_truth(scene: Any) -> str:
         tiles.setdefault(item.kind, []).append(item.tile(scene.height, scene.width, scene.tile_size))
     parts = [f"{len(where)} {kind}{'s' if len(where) > 1 else ''} in tile(s) "
              + ", ".join(f"row {r} col {c}" for r, c in sorted(set(where))) for kind, where in tiles.items()]
-    return "objects: " + ("; ".join(parts) if parts else "none")
+    grid = f"{scene.tile_size}-px tiles at full resolution"
+    return f"objects ({grid}): " + ("; ".join(parts) if parts else "none")
 
 
 def _sidecar(path: Path) -> Path:

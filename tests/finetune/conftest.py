@@ -78,3 +78,18 @@ def tiny_recipe(train_data: Path | list, output_dir: Path, **overrides):
 @pytest.fixture(scope="session")
 def make_recipe():
     return tiny_recipe
+
+
+@pytest.fixture
+def recipe_file(tmp_path) -> Path:
+    """A recipe YAML owned by the tests (the bundled ones change with their projects)."""
+    path = tmp_path / "cpu_tiny.yaml"
+    path.write_text(
+        "description: tiny preset on CPU for the CLI tests\n"
+        "base_model: preset:tiny\nmode: full\nstage: sft\ntrain_data: []\n"
+        f"output_dir: {tmp_path / 'run'}\nimage_cache_dir: {tmp_path / 'image_cache'}\n"
+        "max_length: 160\npack: true\nlearning_rate: 0.003\nwarmup_ratio: 0.0\nmax_steps: 2\n"
+        "per_device_train_batch_size: 1\ngradient_checkpointing: false\nprecision: fp32\n"
+        "save_steps: 2\nsave_total_limit: 2\nlogging_steps: 1\nseed: 0\n"
+    )
+    return path

@@ -21,18 +21,19 @@ def _last_json(stdout: str) -> dict:
     return json.loads("\n".join(lines[start:]))
 
 
-def test_cli_finetune_merge_evaluate_on_synthetic_series_and_grids(tmp_path, synthetic_sets):
+def test_cli_finetune_merge_evaluate_on_synthetic_series_and_grids(tmp_path, synthetic_sets, colour_set, recipe_file):
     out = tmp_path / "run"
     train = f"{synthetic_sets / 'ct_train.json'},{synthetic_sets / 'rs_train.json'}"
-    result = _run("finetune", "demo", "base_model=preset:tiny", "mode=lora", f"train_data={train}",
-                  f"output_dir={out}", "max_steps=2", "save_steps=2", "max_length=1024", "learning_rate=0.002",
-                  "render={num_slices: 3, size: 56, tile_size: 56, max_tiles: 4}", "gradient_checkpointing=false",
-                  "train_vision_tower=false", "logging_steps=1", "save_total_limit=2", "--json")
+    # stage "multi": the series/grid records plus half as many replayed single-image records
+    result = _run("finetune", str(recipe_file), "mode=lora", f"train_data={train}", "stage=multi",
+                  f"replay_data={colour_set}", "replay_ratio=0.5", "max_length=1024", "pack=false",
+                  "render={num_slices: 3, size: 56, tile_size: 56, max_tiles: 4}", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _last_json(result.stdout)
-    assert summary["global_step"] == 2 and summary["mode"] == "lora" and summary["train_samples"] == 4
+    assert summary["global_step"] == 2 and summary["mode"] == "lora" and summary["stage"] == "multi"
+    assert summary["train_samples"] == 4 + 2
     assert (out / "loss.csv").is_file() and (out / "loss.png").is_file()
-    assert len(list((out / "image_cache").glob("*/meta.json"))) == 4  # 2 CT studies + 2 scenes rendered once
+    assert len(list((tmp_path / "image_cache").glob("*/meta.json"))) == 4  # 2 CT studies + 2 scenes, once
 
     merged = tmp_path / "merged"
     result = _run("merge-lora", str(out / "adapter"), "--out", str(merged))

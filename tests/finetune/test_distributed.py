@@ -23,18 +23,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-def test_zero3_two_cpu_ranks_train_and_checkpoint_loads(tmp_path, colour_set):
+def test_zero3_two_cpu_ranks_train_and_checkpoint_loads(tmp_path, colour_set, recipe_file):
     launcher = Path(sys.executable).with_name("deepspeed")
     entry = Path(sys.executable).with_name("longllava")
     if not launcher.is_file() or not entry.is_file():
         pytest.fail(f"deepspeed launcher or longllava entry point missing next to {sys.executable}; run make setup")
-    out = tmp_path / "z3"
+    out = tmp_path / "run"  # recipe_file's output_dir
     command = [
         str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(_free_port()), str(entry),
-        "finetune", "demo", "base_model=preset:tiny", f"train_data={colour_set}", f"output_dir={out}",
-        "deepspeed=zero3", "max_steps=3", "save_steps=3", "max_length=160", "per_device_train_batch_size=1",
-        "learning_rate=0.003", "warmup_ratio=0", "train_vision_tower=false", "render={}", "num_train_epochs=1",
-        "logging_steps=1", "save_total_limit=2",
+        "finetune", str(recipe_file), f"train_data={colour_set}", "deepspeed=zero3", "max_steps=3", "save_steps=3",
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -51,9 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_local_rank(argv: Sequence[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N`` that the deepspeed launcher inserts; keep it in LOCAL_RANK."""
+    kept: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--local_rank=") or item.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", item.split("=", 1)[1])
+        elif item in ("--local_rank", "--local-rank") and i + 1 < len(items):
+            os.environ.setdefault("LOCAL_RANK", items[i + 1])
+            i += 1
+        else:
+            kept.append(item)
+        i += 1
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_take_local_rank(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -154,11 +154,13 @@ def selective_scan_ref(
     else:
         state = initial_state.float()
     outputs = []
-    for t in range(length):
-        B_t = B_groups[..., t].repeat_interleave(channels_per_group, dim=1)  # (batch, d_inner, d_state)
-        C_t = C_groups[..., t].repeat_interleave(channels_per_group, dim=1)
-        decay = torch.exp(dt[:, :, t, None] * A)  # (batch, d_inner, d_state)
-        state = decay * state + (dt[:, :, t] * x[:, :, t])[..., None] * B_t
+    # unbind (not x[..., t]): its backward is one stack, where per-step indexing would be quadratic
+    steps = zip(dt.unbind(-1), x.unbind(-1), B_groups.unbind(-1), C_groups.unbind(-1))
+    for dt_t, x_t, B_t, C_t in steps:  # dt_t, x_t: (batch, d_inner); B_t, C_t: (batch, groups, d_state)
+        B_t = B_t.repeat_interleave(channels_per_group, dim=1)  # (batch, d_inner, d_state)
+        C_t = C_t.repeat_interleave(channels_per_group, dim=1)
+        decay = torch.exp(dt_t[..., None] * A)  # (batch, d_inner, d_state)
+        state = decay * state + (dt_t * x_t)[..., None] * B_t
         outputs.append((state * C_t).sum(-1))
     y = torch.stack(outputs, dim=-1) if outputs else x.new_zeros(batch, d_inner, 0)
     if D is not None:

@@ -26,6 +26,8 @@ VIEW_QUEUE = "view"
 VIEW_CONCURRENCY = 8
 # A session's loaded study/image is dropped this long after its last use.
 STATE_TTL_S = 2 * 3600
+# Model folders named like this are shown with their parent ("demo_run/model").
+GENERIC_FOLDER_NAMES = frozenset({"model", "final", "checkpoint", "merged", "output"})
 
 
 @dataclass
@@ -47,7 +49,8 @@ def load_shared_model(path: str, device: str = "cpu") -> SharedModel:
 
     model, processor = load_model(path, device=device)
     model.eval()
-    name = "demo" if path == "demo" else str(path).rstrip("/").rsplit("/", 1)[-1]
+    parts = str(path).rstrip("/").split("/")
+    name = "demo" if path == "demo" else "/".join(parts[-2:]) if parts[-1] in GENERIC_FOLDER_NAMES else parts[-1]
     return SharedModel(model=model, processor=processor, name=name)
 
 

@@ -31,7 +31,7 @@ browser:
 	  || echo "note: chromium could not be installed; browser tests will be skipped"; }
 
 demo: setup
-	$(VENV)/bin/longllava app --model demo --host $(HOST) --port $(PORT)
+	$(VENV)/bin/longllava app --model demo --host $(HOST) --port $(PORT) --preload-samples
 
 test: setup browser
 	$(VENV)/bin/ruff check .

@@ -109,21 +109,17 @@ def read_images(paths: Sequence[str | Path]) -> list[Any]:
 
 
 def generate_answer(model: Any, processor: Any, messages: list[dict], images: list[Any], max_new_tokens: int) -> str:
-    """The answer to chat ``messages`` with ``images``: plain ``model.generate`` (greedy).
+    """The greedy answer to chat ``messages`` with ``images``, through the long-context session.
 
-    Kept as one function so that the long-context session (streaming encoder, chunked prefill) can
-    replace it.
+    The session encodes images in batches and prefills the prompt in chunks, so a question about
+    hundreds of images stays within bounded memory; progress bars show on an interactive terminal.
     """
-    import torch
+    import sys
 
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, images=images or None)
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return processor.decode(new_tokens, skip_special_tokens=True).strip()
+    from longllava.session import LongContextSession
+
+    session = LongContextSession(model, processor, show_progress=sys.stderr.isatty())
+    return session.generate(messages, images, max_new_tokens=max_new_tokens).strip()
 
 
 def _take_question(args: argparse.Namespace) -> str:

@@ -276,12 +276,17 @@ def register_moe_leaf_modules(model: Any) -> int:
     return len(classes)
 
 
+def _set_use_cache(model: Any, enabled: bool) -> None:
+    """Switch the generation cache in the config and its text config (off for training, on for saving)."""
+    config = getattr(model, "config", None)
+    for owner in (config, getattr(config, "text_config", None)):
+        if owner is not None:
+            owner.use_cache = enabled
+
+
 def prepare_model(recipe: Recipe, model: Any) -> Any:
     """Stage freezing, then LoRA wrapping for ``mode=lora``."""
-    model.config.use_cache = False
-    text_config = getattr(model.config, "text_config", None)
-    if text_config is not None:
-        text_config.use_cache = False
+    _set_use_cache(model, False)
     set_stage_trainable(model, recipe.stage, recipe.train_vision_tower)
     if recipe.mode == "lora":
         from peft import get_peft_model
@@ -518,6 +523,7 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
                    *callbacks],
     )
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
+    _set_use_cache(model, True)  # the cache is off only while training; the saved model generates with it
     final_dir = output_dir / ("adapter" if recipe.mode == "lora" else "model")
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():

@@ -80,6 +80,7 @@ def test_full_run_loss_goes_down_and_model_loads(full_run):
     assert summary["global_step"] == 4 and summary["saved_to"].endswith("model")
     assert summary["train_samples"] == 12 and summary["train_examples_after_packing"] < 12  # packed
     model, _ = load_model(summary["saved_to"])
+    assert getattr(model.config, "use_cache", True) and model.config.text_config.use_cache  # off in training only
     base, _ = load_model(summary["base_model"])
     trained = dict(model.named_parameters())
     changed = [n for n, p in base.named_parameters() if not torch.equal(p, trained[n])]

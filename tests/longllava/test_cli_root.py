@@ -12,7 +12,8 @@ from longllava.errors import UserInputError
 
 @pytest.mark.parametrize("argv", [["--local_rank=3"], ["--local_rank", "3"], ["--local-rank=3"]])
 def test_deepspeed_local_rank_is_taken_out_of_the_arguments(argv, monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded, so the value set below is undone afterwards
+    monkeypatch.delenv("LOCAL_RANK")
     kept = cli._take_local_rank([*argv, "plan", "--preset", "tiny"])
     assert kept == ["plan", "--preset", "tiny"]
     assert os.environ["LOCAL_RANK"] == "3"

@@ -12,6 +12,10 @@ and the held-out sets its model card is scored on:
   depth) drawn from a haystack pool and needle seeds far away from any evaluation seed
   (:data:`NIAH_TRAIN_SEED_BASE`; ``longllava evaluate niah --data synthetic:...`` derives its seeds
   from small integers).
+* ``*_train_perq.json``: the same training records split one question per record
+  (:func:`write_per_question_records`), in a seeded shuffled order. Evaluation asks every question alone,
+  straight after the images; a study's questions in one conversation in a fixed order would teach the
+  model that the first answer after the images is always the same question's.
 
 Same arguments -> the same files (every draw is seeded).
 """
@@ -43,6 +47,57 @@ NIAH_TRAIN_RECORDS = 400
 NIAH_POOL_SIZE = 800
 NIAH_IMAGES_RANGE = (4, 16)
 NIAH_SIZE = 112
+IMAGE_TAG = "<image>"
+PER_QUESTION_SOURCES = ("ct_train.json", "rs_train.json", "niah_train.json")
+
+
+class DemoDataError(ValueError):
+    """A training-record file that cannot be split per question."""
+
+
+def split_per_question(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per (question, answer) turn pair.
+
+    Where the source's first question carries the image tag (``<image>``: series / grid layouts), every
+    split question gets it in front; where it has none (``images`` layout: the protocol places one tag
+    per image), none do. ids become ``ID_qNN`` (NN: the turn pair's position in the source conversation)."""
+    turns = record.get("conversations") or []
+    if len(turns) % 2 or any(t.get("from") != ("human" if i % 2 == 0 else "gpt") for i, t in enumerate(turns)):
+        raise DemoDataError(f"record {record.get('id')!r}: conversations must alternate human/gpt turns, "
+                            "starting with human; fix or rebuild the data (python -m finetune.demo_data)")
+    tag = f"{IMAGE_TAG}\n" if turns and IMAGE_TAG in turns[0]["value"] else ""
+    pieces = []
+    for pair in range(len(turns) // 2):
+        question = turns[2 * pair]["value"].replace(IMAGE_TAG, "").strip()
+        piece = {key: value for key, value in record.items() if key != "conversations"}
+        piece["id"] = f"{record.get('id', 'record')}_q{pair:02d}"
+        piece["conversations"] = [{"from": "human", "value": f"{tag}{question}"},
+                                  dict(turns[2 * pair + 1])]
+        pieces.append(piece)
+    return pieces
+
+
+def per_question_records(records: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Every record split per question (:func:`split_per_question`), in a seeded shuffled order."""
+    pieces = [piece for record in records for piece in split_per_question(record)]
+    order = np.random.default_rng([seed, 7]).permutation(len(pieces))
+    return [pieces[i] for i in order]
+
+
+def write_per_question_records(out_dir: str | Path, seed: int = 0,
+                               sources: Sequence[str] = PER_QUESTION_SOURCES) -> list[Path]:
+    """Rewrite each built training file ``NAME.json`` in ``out_dir`` as ``NAME_perq.json`` (per question)."""
+    written = []
+    for name in sources:
+        source = Path(out_dir) / name
+        if not source.is_file():
+            raise DemoDataError(f"{source}: training records not found; build them first "
+                                f"(python -m finetune.demo_data --out {out_dir})")
+        target = source.with_name(f"{source.stem}_perq.json")
+        records = json.loads(source.read_text())
+        target.write_text(json.dumps(per_question_records(records, seed), indent=1) + "\n")
+        written.append(target)
+    return written
 
 
 def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, pool_size: int = NIAH_POOL_SIZE,
@@ -100,6 +155,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> d
     manifest = build_synthetic_sets(out_dir, **options)
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
+    write_per_question_records(out_dir, seed)
     return manifest
 
 
@@ -120,7 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="build/synthetic", help="output folder (default build/synthetic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every set size (e.g. 0.02 for a smoke run)")
+    parser.add_argument("--per-question-only", action="store_true",
+                        help="only rewrite an existing build's training files as *_perq.json (no rebuild)")
     args = parser.parse_args(argv)
+    if args.per_question_only:
+        for path in write_per_question_records(args.out, args.seed):
+            print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
+        return 0
     manifest = build_demo_data(args.out, args.seed, args.scale)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.demo_data import DEMO_BUILD, build_heldout_subset, build_niah_train
+from finetune.demo_data import (
+    DEMO_BUILD,
+    DemoDataError,
+    build_heldout_subset,
+    build_niah_train,
+    per_question_records,
+    split_per_question,
+    write_per_question_records,
+)
 from finetune.demo_scores import CARD_ROWS, card_tables, evaluation_plan
 from finetune.evaluate import METRICS, read_predictions
 from finetune.train import INFERENCE_DEFAULTS_FILE, load_recipe
@@ -72,7 +80,44 @@ def _tiny_training_data(root: Path) -> list[str]:
     options = {k: v for k, v in DEMO_BUILD.items() if k not in ("n_ct_test", "n_rs_test", "n_ct_train", "n_rs_train")}
     build_synthetic_sets(root, n_ct_train=1, n_ct_test=0, n_rs_train=1, n_rs_test=0, **options)
     build_niah_train(root, n_records=2, pool_size=8, images_range=(3, 4))
-    return [str(root / "ct_train.json"), str(root / "rs_train.json"), str(root / "niah_train.json")]
+    return [str(path) for path in write_per_question_records(root)]  # what the recipe trains on
+
+
+def _conversation(*turns: str, tag: bool = True) -> dict:
+    values = [f"<image>\n{turns[0]}" if tag else turns[0], *turns[1:]]
+    return {"id": "s1", "image": "ct/a.nii.gz", "layout": "series",
+            "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]}
+
+
+def test_split_per_question_gives_every_question_its_own_record_after_the_images():
+    record = _conversation("Nodule? Answer Yes or No.", "Yes", "How many nodules?", "2", "Side?", "left")
+    pieces = split_per_question(record)
+    assert [p["id"] for p in pieces] == ["s1_q00", "s1_q01", "s1_q02"]
+    assert [p["conversations"][0]["value"] for p in pieces] == [
+        "<image>\nNodule? Answer Yes or No.", "<image>\nHow many nodules?", "<image>\nSide?"]
+    assert [p["conversations"][1]["value"] for p in pieces] == ["Yes", "2", "left"]
+    assert all(p["image"] == "ct/a.nii.gz" and p["layout"] == "series" for p in pieces)
+    assert record["conversations"][2]["value"] == "How many nodules?"  # the source is not modified
+    # records without an image tag (``images`` layout: the protocol places the tags) get none
+    untagged = split_per_question(_conversation("Which colour?", "red square", tag=False))
+    assert untagged[0]["conversations"][0]["value"] == "Which colour?"
+
+
+def test_per_question_records_are_a_seeded_shuffle_of_all_questions():
+    records = [dict(_conversation(f"q{k}a", "a", f"q{k}b", "b"), id=f"s{k}") for k in range(20)]
+    first, again, other = (per_question_records(records, seed) for seed in (0, 0, 1))
+    assert first == again and first != other
+    assert sorted(p["id"] for p in first) == sorted(f"s{k}_q0{j}" for k in range(20) for j in (0, 1))
+    assert [p["id"] for p in first] != sorted(p["id"] for p in first)  # not in source order
+
+
+def test_split_per_question_rejects_broken_conversations(tmp_path):
+    broken = _conversation("q", "a")
+    broken["conversations"].append({"from": "human", "value": "dangling"})
+    with pytest.raises(DemoDataError, match="alternate human/gpt"):
+        split_per_question(broken)
+    with pytest.raises(DemoDataError, match="ct_train.json.*python -m finetune.demo_data"):
+        write_per_question_records(tmp_path)
 
 
 def test_demo_recipe_trains_a_few_steps(tmp_path):
@@ -84,7 +129,7 @@ def test_demo_recipe_trains_a_few_steps(tmp_path):
                                   "save_steps=1000"])
     summary = run_training(recipe)
     assert summary["global_step"] == 2
-    assert summary["train_samples"] == 4
+    assert summary["train_samples"] == sum(len(json.loads(Path(path).read_text())) for path in train_data)
     assert math.isfinite(summary["first_loss"]) and math.isfinite(summary["last_loss"])
     saved = Path(summary["saved_to"])
     assert json.loads((saved / INFERENCE_DEFAULTS_FILE).read_text()) == {"render": recipe.render}

@@ -1,6 +1,7 @@
 """Seeded synthetic data for demos, training the demo model and testing the real loaders.
 
-* :mod:`.ct_phantom` - chest-CT phantoms in HU with CT-RATE findings; NIfTI / DICOM writers;
+* :mod:`.ct_phantom` - chest-CT phantoms in HU with CT-RATE findings, a small ``phantom_hu`` slab for
+  loader tests; NIfTI / DICOM writers;
 * :mod:`.dicom_writer` - any HU volume as a DICOM CT series (messy variants for loader tests);
 * :mod:`.satellite` - scenes with objects in known tiles of the tiler's grid; GeoTIFF writer;
 * :mod:`.qa` - questions with canonical answers, CT-RATE style reports, LLaVA / FIT-RSFG records;

@@ -586,6 +586,31 @@ def _labels_to_hu(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return hu
 
 
+def phantom_hu(n_slices: int, rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """A small, fast ``(z, y, x)`` float32 HU slab for loader tests, any (also non-square) in-plane size.
+
+    Same axes as :class:`Phantom` (x -> patient's left, y -> posterior): air outside an elliptic body
+    (40 HU), two lungs (-850 HU), a vertebral body (700 HU) posterior and a dense marker (1500 HU) in the
+    patient's left-anterior quadrant, so that flips and transpositions are visible. Every slice is the same
+    plane plus a seeded per-slice offset (Gaussian, sigma 8 HU, not a whole number), deterministic in
+    ``seed``. Use :func:`make_ct_phantom` for anatomy and findings.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:columns].astype(np.float32)
+
+    def ellipse(cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+        return ((x - cx * columns) / (rx * columns)) ** 2 + ((y - cy * rows) / (ry * rows)) ** 2 <= 1
+
+    plane = np.full((rows, columns), -1000.0, dtype=np.float32)
+    plane[ellipse(0.5, 0.5, 0.42, 0.32)] = 40.0
+    plane[ellipse(0.33, 0.47, 0.11, 0.17) | ellipse(0.67, 0.47, 0.11, 0.17)] = -850.0
+    plane[ellipse(0.5, 0.72, 0.05, 0.05)] = 700.0
+    plane[ellipse(0.62, 0.3, 0.03, 0.03)] = 1500.0
+    volume = np.repeat(plane[None], n_slices, axis=0)
+    volume += rng.normal(0.0, 8.0, size=(n_slices, 1, 1)).astype(np.float32)
+    return volume
+
+
 def write_nifti(
     phantom: Phantom,
     path: str | Path,
@@ -594,10 +619,18 @@ def write_nifti(
     rescale: tuple[float, float] | None = None,
     flip_x: bool = False,
     flip_y: bool = False,
+    axcodes: Sequence[str] | None = None,
 ) -> Path:
     """Write the phantom as NIfTI (``.nii`` or ``.nii.gz``); see :func:`write_volume_nifti`."""
     return write_volume_nifti(
-        phantom.hu, phantom.spacing, path, dtype=dtype, rescale=rescale, flip_x=flip_x, flip_y=flip_y
+        phantom.hu,
+        phantom.spacing,
+        path,
+        dtype=dtype,
+        rescale=rescale,
+        flip_x=flip_x,
+        flip_y=flip_y,
+        axcodes=axcodes,
     )
 
 
@@ -610,6 +643,7 @@ def write_volume_nifti(
     rescale: tuple[float, float] | None = None,
     flip_x: bool = False,
     flip_y: bool = False,
+    axcodes: Sequence[str] | None = None,
 ) -> Path:
     """Write a HU volume ``(z, y, x)`` (LPS axes, see the module doc) as NIfTI-1.
 
@@ -619,15 +653,22 @@ def write_volume_nifti(
     exercise a loader's canonical reorientation: the physical image is the same.
     ``rescale=(slope, intercept)`` stores raw values with ``scl_slope``/``scl_inter`` set, so that a
     loader must apply them exactly once (HU = raw * slope + intercept).
+    ``axcodes`` (e.g. ``("A", "R", "S")``, nibabel's codes) stores the voxel axes in any permutation and
+    direction instead (not together with the flips). Integer ``dtype`` values are rounded; a float
+    ``dtype`` (``"float32"``) stores them unrounded, NaN and infinity included.
     """
     path = Path(path)
     if hu.ndim != 3:
         raise SyntheticDataError(f"volume for {path} must be 3-D (z, y, x), got shape {hu.shape}")
+    if axcodes is not None and (flip_x or flip_y):
+        raise SyntheticDataError(f"{path}: give axcodes or flip_x/flip_y, not both")
     nz, ny, nx = hu.shape
     sz, sy, sx = (float(s) for s in spacing)
     x0, y0, z0 = -(nx - 1) / 2 * sx, -(ny - 1) / 2 * sy, -(nz - 1) / 2 * sz  # LPS of voxel 0
     slope, intercept = rescale if rescale is not None else (1.0, 0.0)
-    raw = np.round((hu - intercept) / slope) if rescale is not None else np.round(hu)
+    raw = (hu - intercept) / slope if rescale is not None else hu
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        raw = np.round(raw)
     data = np.ascontiguousarray(raw.transpose(2, 1, 0)).astype(dtype)  # (z,y,x) -> (i=x, j=y, k=z)
     # RAS = (-L, -P, S): x_ras = -(x0 + i*sx), y_ras = -(y0 + j*sy), z_ras = z0 + k*sz
     affine = np.array([[-sx, 0, 0, -x0], [0, -sy, 0, -y0], [0, 0, sz, z0], [0, 0, 0, 1]], dtype=np.float64)
@@ -639,9 +680,30 @@ def write_volume_nifti(
         data = data[:, ::-1]
         affine[:, 3] = affine @ np.array([0, ny - 1, 0, 1.0])
         affine[:, 1] *= -1
+    zooms = (sx, sy, sz)
+    if axcodes is not None:
+        data, affine, zooms = _reorient(data, affine, tuple(axcodes), path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_nifti1(np.ascontiguousarray(data), affine, (sx, sy, sz), (slope, intercept), path)
+    _save_nifti1(np.ascontiguousarray(data), affine, zooms, (slope, intercept), path)
     return path
+
+
+def _reorient(
+    data_lps: np.ndarray, affine: np.ndarray, axcodes: tuple[str, ...], path: Path
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Voxel axes L, P, S -> ``axcodes``; the affine is adjusted so that every voxel keeps its position."""
+    from nibabel import orientations
+
+    axes = [i for code in axcodes for i, pair in enumerate(("LR", "PA", "SI")) if len(code) == 1 and code in pair]
+    if len(axcodes) != 3 or sorted(axes) != [0, 1, 2]:
+        raise SyntheticDataError(f"{path}: axcodes {axcodes} must name one of L/R, one of P/A, one of S/I")
+    transform = orientations.ornt_transform(
+        orientations.axcodes2ornt(("L", "P", "S")), orientations.axcodes2ornt(axcodes)
+    )
+    affine = affine @ orientations.inv_ornt_aff(transform, data_lps.shape)
+    data = orientations.apply_orientation(data_lps, transform)
+    zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return data, affine, zooms
 
 
 def _save_nifti1(

@@ -6,9 +6,10 @@ axial orientation ``[1, 0, 0, 0, 1, 0]`` in LPS is the one of :mod:`ct_phantom`.
 at ``origin + offset_k * normal`` with ``offset_k = k * spacing_z`` unless ``slice_offsets_mm`` is given
 (uneven spacing for loader tests).
 
-Everything a loader has to cope with can be switched on: shuffled file names, wrong InstanceNumbers,
-a localizer image in the same series, per-file rescale slope/intercept, compressed transfer syntaxes,
-oblique orientation, and fake patient identifiers for privacy tests (never real people: the defaults
+Everything a loader has to cope with can be switched on: shuffled file names, wrong or explicit
+InstanceNumbers, a localizer image in the same series, per-file rescale slope/intercept, compressed
+transfer syntaxes, oblique orientation, another modality or ImageType, one series split over several
+calls (``series_uid``), and fake patient identifiers for privacy tests (never real people: the defaults
 leave the identifying attributes empty). UIDs derive from ``uid_seed`` so the same call writes the same
 bytes.
 """
@@ -113,7 +114,7 @@ def _base_dataset(uid_seed: str, study_uid: str, series_uid: str, patient: FakeP
 
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
-    ds.Modality = "CT"
+    ds.Modality = meta.get("modality", "CT")
     ds.Manufacturer = "longllava-suite synthetic"
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
@@ -176,11 +177,15 @@ def write_ct_series(
     patient: FakePatient | None = None,
     shuffle_files: bool = False,
     wrong_instance_numbers: bool = False,
+    instance_numbers: Sequence[int] | None = None,
     add_localizer: bool = False,
     transfer_syntax: str = "explicit",
     uid_seed: str = "synthetic",
+    series_uid: str | None = None,
     series_number: int = 1,
     series_description: str = "Synthetic chest CT",
+    modality: str = "CT",
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
     file_prefix: str = "CT",
     seed: int = 0,
 ) -> DicomSeries:
@@ -189,10 +194,13 @@ def write_ct_series(
     ``rescale``: one ``(slope, intercept)`` for all slices or one per slice (HU = stored * slope +
     intercept; stored values are uint16 when they fit, else int16). ``shuffle_files`` permutes the file
     names, ``wrong_instance_numbers`` permutes InstanceNumber (both seeded by ``seed``) so that only
-    ImagePositionPatient gives the order. ``transfer_syntax``: ``explicit``, ``implicit``, ``rle`` or
-    ``jpeg2000`` (or a UID). ``origin`` is the LPS position of voxel (0, 0, 0); default: the volume
-    centred on (0, 0, 0). Writing several series into one folder needs distinct ``uid_seed`` and
-    ``file_prefix``.
+    ImagePositionPatient gives the order; ``instance_numbers`` sets InstanceNumber slice by slice instead.
+    ``transfer_syntax``: ``explicit``, ``implicit``, ``rle`` or ``jpeg2000`` (or a UID). ``origin`` is the
+    LPS position of voxel (0, 0, 0); default: the volume centred on (0, 0, 0). ``modality`` and
+    ``image_type`` are written as given on every slice (the SOP class stays CT Image Storage), so a
+    non-CT series or a localizer written as a series of its own can be made. Writing several series, or
+    several parts of one series (same ``series_uid``), into one folder needs distinct ``uid_seed`` and
+    ``file_prefix``; ``series_uid`` defaults to one derived from ``uid_seed`` and ``series_number``.
     """
     out_dir = Path(out_dir)
     if hu.ndim != 3 or min(hu.shape) < 1:
@@ -212,12 +220,21 @@ def write_ct_series(
     if len(rescales) != nz:
         raise SyntheticDataError(f"rescale needs one (slope, intercept) or {nz} of them, got {len(rescales)}")
     syntax = TRANSFER_SYNTAXES.get(transfer_syntax, transfer_syntax)
+    if instance_numbers is not None:
+        if wrong_instance_numbers:
+            raise SyntheticDataError(
+                f"series for {out_dir}: give instance_numbers or wrong_instance_numbers=True, not both"
+            )
+        if len(instance_numbers) != nz:
+            raise SyntheticDataError(f"instance_numbers needs {nz} values, got {len(instance_numbers)}")
 
     rng = np.random.default_rng(seed)
     file_order = rng.permutation(nz) if shuffle_files else np.arange(nz)
-    instance_numbers = (rng.permutation(nz) if wrong_instance_numbers else np.arange(nz)) + 1
-    study_uid, series_uid = _uid(uid_seed, "study"), _uid(uid_seed, "series", series_number)
-    meta = {"series_number": series_number, "series_description": series_description}
+    if instance_numbers is None:
+        instance_numbers = (rng.permutation(nz) if wrong_instance_numbers else np.arange(nz)) + 1
+    study_uid = _uid(uid_seed, "study")
+    series_uid = _uid(uid_seed, "series", series_number) if series_uid is None else series_uid
+    meta = {"series_number": series_number, "series_description": series_description, "modality": modality}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     paths, positions = [], []
@@ -226,7 +243,7 @@ def write_ct_series(
         slope, intercept = rescales[k]
         stored, signed = _stored_pixels(hu[k], slope, intercept)
         ds = _base_dataset(uid_seed, study_uid, series_uid, patient, meta)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageType = list(image_type)
         ds.InstanceNumber = int(instance_numbers[k])
         ds.ImagePositionPatient = [_ds_number(v) for v in position]
         ds.ImageOrientationPatient = [_ds_number(v) for v in (*row, *col)]

@@ -10,7 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from domain_data.synthetic.ct_phantom import make_ct_phantom, write_dicom_series, write_nifti
+from domain_data.synthetic.ct_phantom import (
+    make_ct_phantom,
+    phantom_hu,
+    write_dicom_series,
+    write_nifti,
+    write_volume_nifti,
+)
 from domain_data.synthetic.dicom_writer import fake_patient, read_series_hu, write_ct_series
 from domain_data.synthetic.errors import SyntheticDataError
 
@@ -107,6 +113,95 @@ def test_oblique_orientation_and_uneven_spacing(tmp_path):
     assert np.allclose(read_offsets - read_offsets[0], offsets, atol=1e-4)
     with pytest.raises(SyntheticDataError):
         write_ct_series(hu, (2.0, 1.0, 1.0), tmp_path / "bad", orientation=(1, 0, 0, 1, 0, 0))
+
+
+def test_explicit_instance_numbers_modality_and_image_type(tmp_path):
+    hu = phantom_hu(4, 10, 12, seed=1)
+    numbers = [40, 10, 30, 20]
+    series = write_ct_series(
+        hu, (2.0, 1.0, 1.0), tmp_path / "s", instance_numbers=numbers, modality="MR",
+        image_type=("DERIVED", "SECONDARY", "LOCALIZER"),
+    )
+    assert series.instance_numbers == numbers
+    written = [pydicom.dcmread(p) for p in series.paths]
+    assert [int(ds.InstanceNumber) for ds in written] == numbers
+    assert {ds.Modality for ds in written} == {"MR"}
+    assert {tuple(ds.ImageType) for ds in written} == {("DERIVED", "SECONDARY", "LOCALIZER")}
+    default = pydicom.dcmread(write_ct_series(hu, (2.0, 1.0, 1.0), tmp_path / "d").paths[0])
+    assert default.Modality == "CT" and list(default.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    with pytest.raises(SyntheticDataError, match="not both"):
+        write_ct_series(hu, (2.0, 1.0, 1.0), tmp_path / "x", instance_numbers=numbers, wrong_instance_numbers=True)
+    with pytest.raises(SyntheticDataError, match="instance_numbers needs 4 values"):
+        write_ct_series(hu, (2.0, 1.0, 1.0), tmp_path / "y", instance_numbers=[1, 2])
+
+
+def test_localizer_takes_the_series_modality(tmp_path):
+    series = write_ct_series(phantom_hu(3, 8, 8), (2.0, 1.0, 1.0), tmp_path / "s", modality="MR", add_localizer=True)
+    localizer = pydicom.dcmread(series.localizer)
+    assert localizer.Modality == "MR" and localizer.ImageType[2] == "LOCALIZER"
+
+
+def test_one_series_written_in_parts_with_explicit_series_uid(tmp_path):
+    hu = phantom_hu(6, 8, 10, seed=2)
+    parts = [
+        write_ct_series(
+            hu[k : k + 3], (2.0, 1.0, 1.0), tmp_path / "s", series_uid="1.2.826.0.1.99", uid_seed=f"part{k}",
+            file_prefix=f"P{k}_", origin=(0.0, 0.0, 2.0 * k),
+        )
+        for k in (0, 3)
+    ]
+    assert [p.series_uid for p in parts] == ["1.2.826.0.1.99"] * 2
+    datasets = [pydicom.dcmread(p) for part in parts for p in part.paths]
+    assert {ds.SeriesInstanceUID for ds in datasets} == {"1.2.826.0.1.99"}
+    assert len({ds.SOPInstanceUID for ds in datasets}) == 6
+    read, offsets = read_series_hu(tmp_path / "s", series_uid="1.2.826.0.1.99")
+    np.testing.assert_allclose(read, hu, atol=0.5)
+    np.testing.assert_allclose(offsets, np.arange(6) * 2.0, atol=1e-4)
+    default_uid = write_ct_series(hu, (2.0, 1.0, 1.0), tmp_path / "d").series_uid
+    assert default_uid == write_ct_series(hu, (2.0, 1.0, 1.0), tmp_path / "e").series_uid != "1.2.826.0.1.99"
+
+
+def test_phantom_hu_is_seeded_and_shows_orientation():
+    hu = phantom_hu(5, 30, 40, seed=3)
+    assert hu.shape == (5, 30, 40) and hu.dtype == np.float32
+    np.testing.assert_array_equal(hu, phantom_hu(5, 30, 40, seed=3))
+    assert not np.array_equal(hu, phantom_hu(5, 30, 40, seed=4))
+    offsets = hu[:, 0, 0] + 1000.0  # air corner: the per-slice offset
+    assert np.ptp(offsets) > 0 and not np.allclose(offsets, np.round(offsets))
+    plane = hu[0] - offsets[0]
+    marker_y, marker_x = np.argwhere(plane > 1000).mean(axis=0)
+    assert marker_x > 20 and marker_y < 15  # patient's left (x up), anterior (y down)
+    assert not np.array_equal(plane, plane[:, ::-1]) and not np.array_equal(plane, plane[::-1])
+
+
+@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "I"), ("A", "R", "S"), ("S", "L", "P")])
+def test_volume_nifti_axcodes_store_the_same_image(tmp_path, axcodes):
+    hu = phantom_hu(6, 9, 7, seed=1).round()
+    spacing = (2.5, 0.9, 0.8)
+    reference = nib.load(write_volume_nifti(hu, spacing, tmp_path / "lps.nii"))
+    image = nib.load(write_volume_nifti(hu, spacing, tmp_path / "v.nii.gz", axcodes=axcodes))
+    assert nib.aff2axcodes(image.affine) == axcodes
+    stored, lps = np.asarray(image.dataobj), np.asarray(reference.dataobj)
+    assert stored.shape != lps.shape or not np.array_equal(stored, lps)  # the voxels really were rearranged
+    canonical, expected = nib.as_closest_canonical(image), nib.as_closest_canonical(reference)
+    np.testing.assert_array_equal(np.asarray(canonical.dataobj), np.asarray(expected.dataobj))
+    np.testing.assert_allclose(canonical.affine, expected.affine, atol=1e-6)
+    assert canonical.header.get_zooms() == pytest.approx(expected.header.get_zooms())
+    with pytest.raises(SyntheticDataError, match="axcodes"):
+        write_volume_nifti(hu, spacing, tmp_path / "bad.nii", axcodes=("L", "R", "S"))
+    with pytest.raises(SyntheticDataError, match="not both"):
+        write_volume_nifti(hu, spacing, tmp_path / "bad.nii", axcodes=axcodes, flip_x=True)
+
+
+def test_volume_nifti_float_dtype_is_not_rounded(tmp_path):
+    hu = phantom_hu(3, 6, 5, seed=0)
+    hu[1, 2, 3], hu[2, 0, 0] = np.nan, np.inf
+    image = nib.load(write_volume_nifti(hu, (2.0, 1.0, 1.0), tmp_path / "f.nii.gz", dtype="float32"))
+    stored = np.asarray(image.dataobj).transpose(2, 1, 0)
+    assert stored.dtype == np.float32
+    np.testing.assert_array_equal(stored, hu)  # NaN == NaN here; the non-integer offsets survive
+    rounded = np.asarray(nib.load(write_volume_nifti(hu[:1], (2.0, 1.0, 1.0), tmp_path / "i.nii")).dataobj)
+    np.testing.assert_array_equal(rounded.transpose(2, 1, 0), np.round(hu[:1]))
 
 
 def test_nifti_geometry_and_scaling(phantom, tmp_path):

@@ -1,7 +1,7 @@
 """Benchmark: a 300-slice 512x512 uncompressed DICOM series -> 3-channel 336 px slices.
 
 Target (issue 4): <= 5 s wall time and <= 2 GB peak RSS on the 2-core CPU machine. The series is
-seeded synthetic (domain_data.medical.synthetic_dicom) and written to a temporary folder first; only
+seeded synthetic (domain_data.synthetic.dicom_writer) and written to a temporary folder first; only
 loading (pydicom, HU, orientation) plus slicing (windowing, resize) is timed. Prints each stage, the
 total against the target as a ratio, and the peak RSS (ru_maxrss of this process).
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 from domain_data.medical.ct import load_ct
 from domain_data.medical.slices import ct_to_slices
-from domain_data.medical.synthetic_dicom import phantom_hu, write_ct_series
+from domain_data.synthetic.ct_phantom import phantom_hu
+from domain_data.synthetic.dicom_writer import write_ct_series
 
 TARGET_SECONDS = 5.0
 TARGET_RSS_GB = 2.0
@@ -33,7 +34,7 @@ def peak_rss_gb() -> float:
 
 def write_series(folder: Path, slices: int, size: int) -> None:
     hu = phantom_hu(slices, size, size, seed=0)
-    write_ct_series(folder, hu, spacing_mm=(1.0, 0.7, 0.7), file_order_seed=1)
+    write_ct_series(hu, (1.0, 0.7, 0.7), folder, shuffle_files=True, seed=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.join()
         if writer.exitcode != 0:
             raise SystemExit("writing the synthetic series failed")
-        print(f"series: {args.slices} x {args.size} x {args.size} int16, uncompressed, shuffled file names")
+        print(f"series: {args.slices} x {args.size} x {args.size} 16-bit, uncompressed, shuffled file names")
         best_load = best_slice = float("inf")
         for _ in range(args.repeat):
             start = time.perf_counter()

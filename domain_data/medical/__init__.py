@@ -3,6 +3,6 @@
 Modules: ``ct`` (load_ct, CTVolume), ``dicom`` (series reading, safe zip), ``windows``, ``slices``
 (ct_to_slices, montage), ``inspect`` (``longllava inspect --ct``), ``ct_rate``, ``pubmedvision``,
 ``closed_vqa`` (datasets; re-exported by ``datasets``), ``metrics``, ``errors`` (CTInputError,
-MedicalDatasetError), ``synthetic_dicom`` (seeded DICOM/NIfTI writers for tests and benchmarks).
+MedicalDatasetError). Seeded DICOM/NIfTI test studies come from ``domain_data.synthetic``.
 Uses only ``longllava.protocol`` and ``longllava.errors`` from the model core.
 """

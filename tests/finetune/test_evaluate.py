@@ -166,13 +166,13 @@ def _fake_ct_rate_root(root: Path) -> Path:
     import csv
 
     from domain_data.medical.metrics import CT_RATE_ABNORMALITIES
-    from domain_data.medical.synthetic_dicom import phantom_hu, write_nifti
+    from domain_data.synthetic.ct_phantom import phantom_hu, write_volume_nifti
 
     names = ["valid_1_a_1.nii.gz", "valid_2_a_1.nii.gz"]
     for i, name in enumerate(names):
         folder = root / "dataset/valid" / name[:7] / name[:9]
         folder.mkdir(parents=True)
-        write_nifti(folder / name, phantom_hu(6, 40, 40, seed=i))
+        write_volume_nifti(phantom_hu(6, 40, 40, seed=i), (2.0, 0.7, 0.7), folder / name, dtype="float32")
     (root / "dataset/radiology_text_reports").mkdir(parents=True)
     with open(root / "dataset/radiology_text_reports/validation_reports.csv", "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -13,13 +13,16 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-FAKE_IDENTIFIERS = {
-    "PatientName": "Doe^Janette",
-    "PatientID": "PID-SECRET-4711",
-    "PatientBirthDate": "19700101",
-    "AccessionNumber": "ACC-SECRET-99",
-    "InstitutionName": "Secret General Hospital",
-}
+from domain_data.synthetic.dicom_writer import FakePatient
+
+# written as PatientName, PatientID, PatientBirthDate, AccessionNumber and InstitutionName
+FAKE_PATIENT = FakePatient(
+    name="Doe^Janette",
+    patient_id="PID-SECRET-4711",
+    birth_date="19700101",
+    accession="ACC-SECRET-99",
+    institution="Secret General Hospital",
+)
 
 
 def identifier_strings() -> list[str]:
@@ -73,8 +76,8 @@ def copy_series() -> Callable[..., list[pydicom.Dataset]]:
 
 
 @pytest.fixture
-def fake_identifiers() -> dict[str, str]:
-    return dict(FAKE_IDENTIFIERS)
+def fake_identifiers() -> FakePatient:
+    return FAKE_PATIENT
 
 
 @pytest.fixture

@@ -21,12 +21,15 @@ from pydicom.uid import JPEG2000, generate_uid
 
 from domain_data.medical.ct import load_ct
 from domain_data.medical.errors import CTInputError
-from domain_data.medical.synthetic_dicom import phantom_hu, write_ct_series, write_nifti
+from domain_data.synthetic.ct_phantom import phantom_hu, write_volume_nifti
+from domain_data.synthetic.dicom_writer import write_ct_series
 from longllava.errors import UserInputError
 
+SPACING = (2.0, 0.7, 0.7)  # (z, y, x) mm
 
-def _series(folder: Path, n: int = 4, **kwargs: object) -> list[Path]:
-    return write_ct_series(folder, phantom_hu(n, 16, 16), **kwargs)
+
+def _series(folder: Path, n: int = 4, spacing: tuple[float, float, float] = SPACING, **kwargs: object) -> list[Path]:
+    return write_ct_series(phantom_hu(n, 16, 16), spacing, folder, **kwargs).paths
 
 
 def empty_file(upload: Path) -> Path:
@@ -35,7 +38,7 @@ def empty_file(upload: Path) -> Path:
 
 
 def truncated_nifti(upload: Path) -> Path:
-    path = write_nifti(upload / "whole.nii.gz", phantom_hu(20, 64, 64))
+    path = write_volume_nifti(phantom_hu(20, 64, 64), SPACING, upload / "whole.nii.gz", dtype="float32")
     data = path.read_bytes()
     path.unlink()
     (upload / "cut.nii.gz").write_bytes(data[: len(data) // 2])
@@ -182,7 +185,7 @@ def private_transfer_syntax(upload: Path) -> Path:
 def nan_voxels(upload: Path) -> Path:
     hu = phantom_hu(6, 16, 16)
     hu[2, 3, 4], hu[4, 5, 6] = np.nan, np.inf
-    return write_nifti(upload / "nan.nii.gz", hu)
+    return write_volume_nifti(hu, SPACING, upload / "nan.nii.gz", dtype="float32")  # float keeps NaN/inf
 
 
 def huge_nifti_dimensions(upload: Path) -> Path:
@@ -236,7 +239,7 @@ def symlink_outside_upload(upload: Path) -> Path:
 
 
 def degenerate_affine(upload: Path) -> Path:
-    path = write_nifti(upload / "flat.nii", phantom_hu(4, 8, 8))
+    path = write_volume_nifti(phantom_hu(4, 8, 8), SPACING, upload / "flat.nii", dtype="float32")
     data = bytearray(path.read_bytes())
     data[252:256] = np.array([0, 1], dtype="<i2").tobytes()  # qform_code 0, sform_code 1
     data[296:312] = np.zeros(4, dtype="<f4").tobytes()  # srow_y = 0: the y axis has no size
@@ -245,7 +248,7 @@ def degenerate_affine(upload: Path) -> Path:
 
 
 def zero_pixel_spacing(upload: Path) -> Path:
-    _series(upload / "zero", spacing_mm=(2.0, 0.0, 0.0))
+    _series(upload / "zero", spacing=(2.0, 0.0, 0.0))
     return upload / "zero"
 
 

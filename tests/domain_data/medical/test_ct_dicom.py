@@ -11,7 +11,10 @@ import pytest
 
 from domain_data.medical.ct import load_ct
 from domain_data.medical.errors import CTInputError
-from domain_data.medical.synthetic_dicom import phantom_hu, write_ct_series
+from domain_data.synthetic.ct_phantom import phantom_hu
+from domain_data.synthetic.dicom_writer import write_ct_series
+
+SPACING = (2.0, 0.7, 0.7)  # (z, y, x) mm
 
 
 def _marked_phantom(n: int, rows: int = 48, cols: int = 40, seed: int = 0) -> np.ndarray:
@@ -96,7 +99,9 @@ def test_zip_of_series_loads_like_folder_and_cleans_up(copy_series, tmp_path: Pa
 def test_shuffled_files_and_wrong_instance_numbers(tmp_path: Path) -> None:
     hu = _marked_phantom(12)
     wrong_numbers = [12 - k for k in range(12)]  # reversed: sorting by it would flip the volume
-    write_ct_series(tmp_path / "s", hu, file_order_seed=5, instance_numbers=wrong_numbers)
+    series = write_ct_series(hu, SPACING, tmp_path / "s", shuffle_files=True, seed=5, instance_numbers=wrong_numbers)
+    assert [p.name for p in series.paths] != sorted(p.name for p in series.paths)  # file names shuffled
+    assert [int(pydicom.dcmread(p).InstanceNumber) for p in series.paths] == wrong_numbers
     volume = load_ct(tmp_path / "s")
     np.testing.assert_allclose(volume.hu[:, 0, 0], np.arange(12) * 10.0, atol=0.5)
     np.testing.assert_allclose(volume.hu, hu, atol=0.5)
@@ -104,7 +109,7 @@ def test_shuffled_files_and_wrong_instance_numbers(tmp_path: Path) -> None:
 
 def test_positions_descending_still_inferior_to_superior(tmp_path: Path) -> None:
     hu = _marked_phantom(10)
-    write_ct_series(tmp_path / "s", hu, slice_positions_mm=list(np.arange(10)[::-1] * -3.0 + 27.0))
+    write_ct_series(hu, SPACING, tmp_path / "s", slice_offsets_mm=list(np.arange(10)[::-1] * -3.0 + 27.0))
     volume = load_ct(tmp_path / "s")
     np.testing.assert_allclose(volume.hu[:, 0, 0], np.arange(10) * 10.0, atol=0.5)
     assert volume.spacing_mm[0] == pytest.approx(3.0)
@@ -112,11 +117,12 @@ def test_positions_descending_still_inferior_to_superior(tmp_path: Path) -> None
 
 def test_mixed_series_picks_largest_ct_and_reports_others(tmp_path: Path) -> None:
     folder = tmp_path / "mixed"
-    write_ct_series(folder, _marked_phantom(14), series_uid="1.2.3.14", prefix="a", description="BIG")
-    write_ct_series(folder, _marked_phantom(6, seed=1) + 100, series_uid="1.2.3.6", prefix="b",
-                    description="SMALL")
-    write_ct_series(folder, _marked_phantom(20), series_uid="1.2.3.20", prefix="c", modality="MR",
-                    description="MR")
+    write_ct_series(_marked_phantom(14), SPACING, folder, series_uid="1.2.3.14", uid_seed="a", file_prefix="a",
+                    series_description="BIG")
+    write_ct_series(_marked_phantom(6, seed=1) + 100, SPACING, folder, series_uid="1.2.3.6", uid_seed="b",
+                    file_prefix="b", series_description="SMALL")
+    write_ct_series(_marked_phantom(20), SPACING, folder, series_uid="1.2.3.20", uid_seed="c", file_prefix="c",
+                    modality="MR", series_description="MR")
     volume = load_ct(folder)
     assert volume.metadata["series_uid"] == "1.2.3.14" and volume.num_slices == 14
     others = {s["series_uid"]: s for s in volume.metadata["other_series"]}
@@ -129,11 +135,11 @@ def test_mixed_series_picks_largest_ct_and_reports_others(tmp_path: Path) -> Non
 
 def test_localizers_dropped(tmp_path: Path) -> None:
     folder = tmp_path / "s"
-    write_ct_series(folder, _marked_phantom(8), series_uid="1.2.3")
-    write_ct_series(folder, phantom_hu(1, 48, 40), series_uid="1.2.3", prefix="loc",
+    write_ct_series(_marked_phantom(8), SPACING, folder, series_uid="1.2.3")
+    write_ct_series(phantom_hu(1, 48, 40), SPACING, folder, series_uid="1.2.3", uid_seed="loc", file_prefix="loc",
                     image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), origin=(0.0, 0.0, 500.0))
-    write_ct_series(folder, phantom_hu(1, 48, 40), series_uid="1.2.3", prefix="sag",  # unflagged scout
-                    orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+    write_ct_series(phantom_hu(1, 48, 40), SPACING, folder, series_uid="1.2.3", uid_seed="sag",  # unflagged scout
+                    file_prefix="sag", orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
     volume = load_ct(folder)
     assert volume.num_slices == 8
     assert volume.metadata["dropped_localizers"] == 2
@@ -143,9 +149,9 @@ def test_localizers_dropped(tmp_path: Path) -> None:
 def test_slope_intercept_per_slice(tmp_path: Path) -> None:
     hu = _marked_phantom(6)
     folder = tmp_path / "s"
-    for k in range(6):  # every slice its own slope/intercept, same series
-        write_ct_series(folder, hu[k : k + 1], series_uid="1.2.9", prefix=f"k{k}", slope=0.5 + k * 0.25,
-                        intercept=-1024.0 + 37 * k, origin=(-180.0, -180.0, -300.0 + 2.0 * k))
+    rescales = [(0.5 + k * 0.25, -1024.0 + 37 * k) for k in range(6)]  # every slice its own, same series
+    series = write_ct_series(hu, SPACING, folder, rescale=rescales)
+    assert [(float(d.RescaleSlope), float(d.RescaleIntercept)) for d in map(pydicom.dcmread, series.paths)] == rescales
     volume = load_ct(folder)
     for k in range(6):
         np.testing.assert_allclose(volume.hu[k], hu[k], atol=(0.5 + k * 0.25) / 2 + 1e-3)
@@ -155,8 +161,7 @@ def test_oblique_series_sorted_along_normal(tmp_path: Path) -> None:
     angle = np.deg2rad(20)
     orientation = (1.0, 0.0, 0.0, 0.0, np.cos(angle), np.sin(angle))  # tilted about x, no gantry shear
     hu = _marked_phantom(9)
-    write_ct_series(tmp_path / "s", hu, orientation=orientation, spacing_mm=(3.0, 0.8, 0.8),
-                    file_order_seed=2)
+    write_ct_series(hu, (3.0, 0.8, 0.8), tmp_path / "s", orientation=orientation, shuffle_files=True, seed=2)
     volume = load_ct(tmp_path / "s")
     np.testing.assert_allclose(volume.hu, hu, atol=0.5)
     assert volume.spacing_mm == pytest.approx((3.0, 0.8, 0.8), rel=1e-4)
@@ -167,7 +172,7 @@ def test_oblique_series_sorted_along_normal(tmp_path: Path) -> None:
 def test_coronal_acquisition_reoriented_to_axial(tmp_path: Path) -> None:
     """Coronal slices (rows run inferior) end up as z = superior after canonicalisation."""
     hu = _marked_phantom(5, rows=12, cols=10)  # acquisition: 5 coronal planes of 12 x 10
-    write_ct_series(tmp_path / "s", hu, orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0), spacing_mm=(4.0, 1.0, 1.0))
+    write_ct_series(hu, (4.0, 1.0, 1.0), tmp_path / "s", orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
     volume = load_ct(tmp_path / "s")
     assert volume.metadata["original_orientation"] == "LIP"  # i: Left, j: Inferior, k: row x col = Posterior
     assert volume.shape == (12, 5, 10)
@@ -179,7 +184,7 @@ def test_coronal_acquisition_reoriented_to_axial(tmp_path: Path) -> None:
 
 def test_uneven_spacing_reported(tmp_path: Path) -> None:
     positions = [0.0, 2.0, 4.0, 6.0, 10.0, 12.0, 14.0]
-    write_ct_series(tmp_path / "s", _marked_phantom(7), slice_positions_mm=positions)
+    write_ct_series(_marked_phantom(7), SPACING, tmp_path / "s", slice_offsets_mm=positions)
     volume = load_ct(tmp_path / "s")
     assert volume.metadata["uneven_spacing"] and "2-4 mm" in volume.metadata["uneven_spacing"]
     np.testing.assert_allclose(volume.z_offsets_mm, positions, atol=1e-3)

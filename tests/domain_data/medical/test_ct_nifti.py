@@ -10,7 +10,7 @@ import pytest
 
 from domain_data.medical.ct import load_ct
 from domain_data.medical.errors import CTInputError
-from domain_data.medical.synthetic_dicom import phantom_hu, write_nifti
+from domain_data.synthetic.ct_phantom import phantom_hu, write_volume_nifti
 
 CT_RATE_ROW = {"RescaleSlope": "1.0", "RescaleIntercept": "-1024.0", "XYSpacing": "[0.75, 0.75]", "ZSpacing": "1.5"}
 
@@ -40,7 +40,7 @@ def test_nibabel_standard_ras_anisotropic_spacing(nibabel_data: Path) -> None:
 def test_orientation_flips_and_permutations_round_trip(tmp_path: Path, axcodes: tuple[str, str, str]) -> None:
     hu = phantom_hu(9, 14, 11, seed=3)
     hu[:, :2, :2] = (np.arange(9) * 10.0)[:, None, None]
-    path = write_nifti(tmp_path / "v.nii.gz", hu, spacing_mm=(2.5, 0.9, 0.8), axcodes=axcodes)
+    path = write_volume_nifti(hu, (2.5, 0.9, 0.8), tmp_path / "v.nii.gz", axcodes=axcodes, dtype="float32")
     volume = load_ct(path)
     assert volume.metadata["original_orientation"] == "".join(axcodes)
     np.testing.assert_array_equal(volume.hu, hu)

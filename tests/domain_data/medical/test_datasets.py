@@ -16,7 +16,7 @@ from domain_data.medical.ct_rate import CTRateDataset, volume_relative_path
 from domain_data.medical.errors import MedicalDatasetError
 from domain_data.medical.metrics import CT_RATE_ABNORMALITIES
 from domain_data.medical.pubmedvision import PubMedVisionDataset, insert_image_tokens
-from domain_data.medical.synthetic_dicom import phantom_hu
+from domain_data.synthetic.ct_phantom import phantom_hu
 from longllava.protocol import count_images, render_conversation
 
 

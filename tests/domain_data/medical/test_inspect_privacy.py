@@ -6,13 +6,15 @@ import json
 import logging
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from domain_data.medical.ct import load_ct
 from domain_data.medical.errors import CTInputError
 from domain_data.medical.inspect import format_ct_report, inspect_ct
 from domain_data.medical.slices import ct_to_slices, montage
-from domain_data.medical.synthetic_dicom import phantom_hu, write_ct_series
+from domain_data.synthetic.ct_phantom import phantom_hu
+from domain_data.synthetic.dicom_writer import FakePatient, write_ct_series
 from longllava.cli import main as cli_main
 
 
@@ -22,13 +24,16 @@ def _assert_clean(text: str, secrets: list[str]) -> None:
     assert not leaked, f"identifiers leaked: {leaked}"
 
 
-def _identified_series(folder: Path, identifiers: dict, modality: str = "CT") -> Path:
-    write_ct_series(folder, phantom_hu(8, 24, 24), identifiers=identifiers, modality=modality,
-                    prefix="Doe_Janette", description="Secret General Hospital CHEST")
+def _identified_series(folder: Path, patient: FakePatient, modality: str = "CT") -> Path:
+    series = write_ct_series(phantom_hu(8, 24, 24), (2.0, 0.7, 0.7), folder, patient=patient, modality=modality,
+                             file_prefix="Doe_Janette_", series_description="Secret General Hospital CHEST")
+    written = pydicom.dcmread(series.paths[0])  # the identifiers really are in the files
+    assert (str(written.PatientName), written.PatientID, written.PatientBirthDate, written.AccessionNumber,
+            written.InstitutionName) == patient.identifiers()
     return folder
 
 
-def test_loaded_metadata_and_reports_have_no_identifiers(tmp_path: Path, fake_identifiers: dict,
+def test_loaded_metadata_and_reports_have_no_identifiers(tmp_path: Path, fake_identifiers: FakePatient,
                                                          identifier_texts: list[str],
                                                          caplog: pytest.LogCaptureFixture,
                                                          capsys: pytest.CaptureFixture) -> None:
@@ -50,7 +55,7 @@ def test_loaded_metadata_and_reports_have_no_identifiers(tmp_path: Path, fake_id
     _assert_clean("\n".join(r.getMessage() for r in caplog.records), identifier_texts)
 
 
-def test_errors_have_no_identifiers(tmp_path: Path, fake_identifiers: dict, identifier_texts: list[str],
+def test_errors_have_no_identifiers(tmp_path: Path, fake_identifiers: FakePatient, identifier_texts: list[str],
                                     capsys: pytest.CaptureFixture) -> None:
     folder = _identified_series(tmp_path / "Doe_Janette_upload", fake_identifiers, modality="MR")
     with pytest.raises(CTInputError) as caught:

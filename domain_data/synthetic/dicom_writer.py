@@ -156,7 +156,7 @@ def _finish(ds, sop_uid: str, transfer_syntax: str, path: Path) -> None:
         meta.TransferSyntaxUID = transfer_syntax
     elif transfer_syntax != TRANSFER_SYNTAXES["explicit"]:
         try:
-            ds.compress(transfer_syntax)
+            ds.compress(transfer_syntax, generate_instance_uid=False)  # keep the seeded UID: same call, same bytes
         except Exception as error:  # a missing encoder plugin, reported with what to install
             raise SyntheticDataError(
                 f"cannot encode {path.name} with transfer syntax {transfer_syntax}: {error} "

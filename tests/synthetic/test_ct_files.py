@@ -91,6 +91,8 @@ def test_compressed_transfer_syntaxes_round_trip(tmp_path, syntax):
     assert pydicom.dcmread(series.paths[0]).file_meta.TransferSyntaxUID == series.transfer_syntax
     hu, _ = read_series_hu(tmp_path / syntax)
     np.testing.assert_array_equal(hu, expected_hu(small))
+    again = write_dicom_series(small, tmp_path / f"{syntax}_again", transfer_syntax=syntax)
+    assert series.paths[0].read_bytes() == again.paths[0].read_bytes()  # seeded UIDs survive compression
 
 
 def test_fake_patient_identifiers_are_written_and_distinctive(phantom, tmp_path):

@@ -13,6 +13,7 @@ import math
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class CTStudy:
     turns: list[tuple[str, str]] = field(default_factory=list)
     findings: dict[str, str] = field(default_factory=dict)
     findings_raw: str = ""
+    cache_key: str = field(default_factory=lambda: uuid.uuid4().hex)  # its encoded slices in the shared cache
 
 
 # ----------------------------------------------------------------------------- loading
@@ -357,11 +359,13 @@ class CTHandlers:
         asked = chat_history(study) + [{"role": "user", "content": text}]
         count = len(study.model_slices)
         _report(progress, 0.0, f"Encoding {count} slices")
-        yield asked, f"Encoding {count} slices and answering…", "", study
+        cached = study.cache_key in self.shared.features
+        yield asked, "Answering (slices already encoded)…" if cached else f"Encoding {count} slices and answering…", \
+            "", study
         started = time.perf_counter()
         answer = ""
         for piece in stream_answer(self.shared, model_messages(study, text), study.model_slices,
-                                   self.config.max_new_tokens, progress_bridge(progress)):
+                                   self.config.max_new_tokens, progress_bridge(progress), cache_key=study.cache_key):
             answer += piece
             history = asked + [{"role": "assistant", "content": answer}]
             yield history, f"Answering… ({len(answer)} characters)", "", study
@@ -382,7 +386,8 @@ class CTHandlers:
         yield gr.skip(), f"Running the findings checklist over {count} slices…", study, gr.skip(), gr.skip()
         messages = [{"role": "user", "content": f"{study.visual_prompt}\n{findings_question()}"}]
         raw = "".join(stream_answer(self.shared, messages, study.model_slices,
-                                    self.config.findings_max_new_tokens, progress_bridge(progress)))
+                                    self.config.findings_max_new_tokens, progress_bridge(progress),
+                                    cache_key=study.cache_key))
         study.findings_raw = raw
         study.findings = findings_table(raw)
         rows = [[name, label] for name, label in study.findings.items()]

@@ -7,8 +7,11 @@ the Gradio queue's concurrency limit bounds how many answers run at once.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -28,15 +31,81 @@ VIEW_CONCURRENCY = 8
 STATE_TTL_S = 2 * 3600
 # Model folders named like this are shown with their parent ("demo_run/model").
 GENERIC_FOLDER_NAMES = frozenset({"model", "final", "checkpoint", "merged", "output"})
+# Encoded images kept between questions about the same study / image (all sessions together);
+# LONGLLAVA_FEATURE_CACHE_MB overrides, 0 turns the cache off.
+DEFAULT_FEATURE_CACHE_MB = 2048
+
+
+class FeatureCache:
+    """Image features of recently asked-about studies, least recently used dropped first.
+
+    A clinician's second question about a study then skips the vision tower (a real 9B study of 300
+    slices holds 300 x 144 x 4096 bf16 = 354 MB of features; the budget bounds the total). Keys are
+    opaque per-upload tokens, never file names. Thread-safe: Gradio answers in worker threads.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = max(0, int(budget_bytes))
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def from_env(cls) -> FeatureCache:
+        value = os.environ.get("LONGLLAVA_FEATURE_CACHE_MB", str(DEFAULT_FEATURE_CACHE_MB))
+        try:
+            megabytes = float(value)
+        except ValueError as error:
+            raise ValueError(f"LONGLLAVA_FEATURE_CACHE_MB={value!r}: give a number of megabytes (0: off)") from error
+        return cls(int(megabytes * 2**20))
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(_nbytes(t) for t in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def get(self, key: str | None) -> Any:
+        with self._lock:
+            features = self._entries.get(key) if key is not None else None
+            if features is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return features
+
+    def put(self, key: str | None, features: Any) -> None:
+        """Keep ``features`` under ``key`` unless they alone exceed the budget; evict the oldest."""
+        size = _nbytes(features)
+        if key is None or size > self.budget_bytes:
+            return
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = features
+            while sum(_nbytes(t) for t in self._entries.values()) > self.budget_bytes:
+                self._entries.popitem(last=False)
+
+
+def _nbytes(tensor: Any) -> int:
+    return int(tensor.numel() * tensor.element_size())
 
 
 @dataclass
 class SharedModel:
-    """A loaded model, its processor and the name shown in the page and in exports."""
+    """A loaded model, its processor, the name shown in the page and exports, and the feature cache."""
 
     model: Any
     processor: Any
     name: str = "model"
+    features: FeatureCache = field(default_factory=FeatureCache.from_env)
 
     def image_size(self) -> int:
         """Side of one image as the vision tower sees it (the tile size for satellite grids)."""
@@ -57,17 +126,28 @@ def load_shared_model(path: str, device: str = "cpu") -> SharedModel:
 def stream_answer(
     shared: SharedModel,
     messages: Sequence[dict],
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image] | Callable[[], Sequence[Image.Image]],
     max_new_tokens: int,
     progress: ProgressCallback | None = None,
+    cache_key: str | None = None,
 ) -> Iterator[str]:
     """Yield the answer to the chat ``messages`` (whose first user turn holds the image prompt).
 
     Runs :class:`longllava.session.LongContextSession`: images encoded in batches, the prompt
     prefilled in chunks, greedy decoding streamed piece by piece; ``progress(done, total, what)`` is
-    called per image batch, prefill chunk and token.
+    called per image batch, prefill chunk and token. With a ``cache_key`` (one per loaded study or
+    image) the encoded images are kept in ``shared.features`` and later questions reuse them;
+    ``images`` may then be a callable, called only when the features are not cached.
     """
     from longllava.session import LongContextSession
 
     session = LongContextSession(shared.model, shared.processor, progress=progress)
-    yield from session.generate(list(messages), list(images), max_new_tokens=max_new_tokens, stream=True)
+    features = shared.features.get(cache_key)
+    if features is None:
+        pictures = list(images() if callable(images) else images)
+        features = session.encode_images(pictures, total=len(pictures))
+        shared.features.put(cache_key, features)
+    else:
+        LOG.info("reusing the encoded images of this study (%d images)", len(features))
+    yield from session.generate(list(messages), max_new_tokens=max_new_tokens, stream=True,
+                                image_features=features)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class RSImage:
     info: dict[str, Any]
     turns: list[tuple[str, str]] = field(default_factory=list)
     referenced: list[tuple[int, int]] = field(default_factory=list)
+    cache_key: str = field(default_factory=lambda: uuid.uuid4().hex)  # its encoded images in the shared cache
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -253,7 +255,7 @@ class RSHandlers:
         started = time.perf_counter()
         answer = ""
         for piece in stream_answer(self.shared, model_messages(image, text), image.model_images(),
-                                   self.config.max_new_tokens, progress_bridge(progress)):
+                                   self.config.max_new_tokens, progress_bridge(progress), cache_key=image.cache_key):
             answer += piece
             history = asked + [{"role": "assistant", "content": answer}]
             yield history, f"Answering… ({len(answer)} characters)", "", image, gr.skip(), gr.skip()

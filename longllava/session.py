@@ -286,30 +286,41 @@ class LongContextSession:
         do_sample: bool = False,
         temperature: float = 1.0,
         seed: int | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> str | Iterator[str]:
         """Answer ``messages_or_prompt`` about ``images``.
 
         messages: ``[{role, content}]`` with ``<image>`` placeholders or image parts (the chat template
         and generation prompt are added); a string is used verbatim as the rendered prompt. Returns the
-        answer, or with ``stream=True`` an iterator of text pieces.
+        answer, or with ``stream=True`` an iterator of text pieces. ``image_features`` (n, tokens_per_image,
+        hidden) from :meth:`encode_images` stand in for ``images`` (several questions about one study
+        encode it once).
         """
-        pieces = self._generate_pieces(messages_or_prompt, images, max_new_tokens, do_sample, temperature, seed)
+        pieces = self._generate_pieces(messages_or_prompt, images, max_new_tokens, do_sample, temperature, seed,
+                                       image_features)
         return pieces if stream else "".join(pieces)
 
     def _generate_pieces(
-        self, messages_or_prompt, images, max_new_tokens, do_sample, temperature, seed
+        self, messages_or_prompt, images, max_new_tokens, do_sample, temperature, seed, image_features=None
     ) -> Iterator[str]:
         if max_new_tokens < 0:
             raise ModelInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if images is not None and image_features is not None:
+            raise ModelInputError("give images or image_features, not both")
         input_ids = self.tokenize(messages_or_prompt)
         expected_images = int((input_ids == self.image_token_id).sum()) // self.tokens_per_image
         images = [] if images is None else images
-        if hasattr(images, "__len__") and len(images) != expected_images:
+        given = len(image_features) if image_features is not None else len(images) if hasattr(images, "__len__") else None
+        if given is not None and given != expected_images:
             raise ModelInputError(
-                f"the prompt has {expected_images} <image> placeholders but {len(images)} images were given"
+                f"the prompt has {expected_images} <image> placeholders but {given} images were given"
             )
         self.stats = SessionStats()
-        features = self.encode_images(images, total=expected_images)
+        if image_features is None:
+            features = self.encode_images(images, total=expected_images)
+        else:
+            features = image_features.to(device=self.device, dtype=self._dtype)
+            self.stats.n_images = len(features)
         prefilled = self.prefill(input_ids, features)
         yield from self._decode(prefilled, max_new_tokens, do_sample, temperature, seed)
 

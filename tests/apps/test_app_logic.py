@@ -267,6 +267,61 @@ def test_streamed_answer_matches_plain_generate_and_reports_progress(tiny_model_
     assert calls[0][1] == 5 and any(done == total == 5 for done, total, _ in calls)  # image encoding reported
 
 
+def test_second_question_about_a_study_reuses_its_encoded_images(tiny_model_dir: Path, monkeypatch) -> None:
+    """With a cache key the vision tower runs once per study; answers equal the uncached path."""
+    from PIL import Image
+
+    from apps.engine import load_shared_model, stream_answer
+    from longllava.protocol import series_prompt
+    from longllava.session import LongContextSession
+
+    shared = load_shared_model(str(tiny_model_dir))
+    images = [Image.new("RGB", (64, 64), (30 * i, 120, 90)) for i in range(4)]
+    encoded: list[int] = []
+    original = LongContextSession.encode_images
+
+    def counting_encode(self, pictures, total=None):
+        encoded.append(len(pictures))
+        return original(self, pictures, total)
+
+    monkeypatch.setattr(LongContextSession, "encode_images", counting_encode)
+    questions = [[{"role": "user", "content": f"{series_prompt(4)}\n{q}"}] for q in ("What is shown?", "Is it new?")]
+    uncached = ["".join(stream_answer(shared, m, images, 6)) for m in questions]
+    assert encoded == [4, 4] and len(shared.features) == 0
+
+    encoded.clear()
+    never_read = lambda: pytest.fail("images read although their features were cached")  # noqa: E731
+    first = "".join(stream_answer(shared, questions[0], images, 6, cache_key="study-1"))
+    second = "".join(stream_answer(shared, questions[1], never_read, 6, cache_key="study-1"))
+    assert [first, second] == uncached
+    assert encoded == [4] and "study-1" in shared.features and shared.features.hits == 1
+
+
+def test_feature_cache_keeps_the_budget_and_drops_the_least_recently_used(monkeypatch) -> None:
+    import torch
+
+    from apps.engine import FeatureCache
+
+    cache = FeatureCache(budget_bytes=3 * 400)  # three (10, 10) float32 tensors
+    tensors = {key: torch.full((10, 10), float(i)) for i, key in enumerate("abcd")}
+    for key in "abc":
+        cache.put(key, tensors[key])
+    assert cache.get("a") is tensors["a"]  # "a" is now the most recent
+    cache.put("d", tensors["d"])
+    assert "b" not in cache and all(k in cache for k in "acd") and cache.used_bytes == 1200
+    cache.put("huge", torch.zeros(20, 20))  # bigger than the whole budget: not kept, nothing evicted
+    assert "huge" not in cache and len(cache) == 3
+    cache.put(None, tensors["a"])
+    assert cache.get(None) is None and cache.misses >= 1
+    monkeypatch.setenv("LONGLLAVA_FEATURE_CACHE_MB", "0")
+    off = FeatureCache.from_env()
+    off.put("a", tensors["a"])
+    assert "a" not in off
+    monkeypatch.setenv("LONGLLAVA_FEATURE_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="LONGLLAVA_FEATURE_CACHE_MB='lots'"):
+        FeatureCache.from_env()
+
+
 def test_model_folder_render_defaults_fill_unset_options(tiny_model_dir: Path, tmp_path: Path, study_files) -> None:
     """Options recorded by training (longllava_defaults.json) apply unless the command line set them."""
     import shutil

@@ -114,6 +114,18 @@ def test_stream_progress_and_text(strong_model, tiny_processor, images_factory):
     assert session.stats.n_images == 4 and session.stats.prompt_tokens > 4 * 16
 
 
+def test_precomputed_features_answer_like_images(strong_model, tiny_processor, images_factory):
+    images = images_factory(3, seed=8)
+    session = LongContextSession(strong_model, tiny_processor, image_batch_size=2, chunk_tokens=16)
+    features = session.encode_images(images)
+    assert session.generate(prompt_for(3), image_features=features, max_new_tokens=6) == session.generate(
+        prompt_for(3), images, max_new_tokens=6)
+    with pytest.raises(ModelInputError, match="3 <image> placeholders but 2 images"):
+        session.generate(prompt_for(3), image_features=features[:2], max_new_tokens=2)
+    with pytest.raises(ModelInputError, match="not both"):
+        session.generate(prompt_for(3), images, image_features=features, max_new_tokens=2)
+
+
 def test_text_only_prompt_and_raw_string(tiny_model, tiny_processor):
     session = LongContextSession(tiny_model, tiny_processor)
     rendered = protocol.render_prompt([{"role": "user", "content": "Hello"}])

@@ -1,4 +1,4 @@
-"""``longllava finetune``, ``longllava merge-lora`` and ``longllava evaluate``."""
+"""``longllava finetune``, ``longllava merge-lora``, ``longllava evaluate`` and ``longllava probe-images``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_finetune(subparsers)
     _register_merge(subparsers)
     _register_evaluate(subparsers)
+    _register_probe(subparsers)
 
 
 def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
@@ -97,6 +98,42 @@ def run_merge(args: argparse.Namespace) -> int:
         print_json({"merged_to": str(out)})
     else:
         print(f"merged {args.adapter} into {out}")
+    return 0
+
+
+def _register_probe(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "probe-images",
+        help="check that a model's answers depend on its images (own vs swapped images)",
+        description="For training-format records, compare the answer loss with each record's own images and "
+        "with another record's (same image count): a model that reads the pictures does worse with the wrong "
+        "ones. Prints the mean gap with a bootstrap 95%% interval and a verdict; --out writes the per-record "
+        "losses as image_reliance.json.",
+    )
+    parser.add_argument("--model", required=True, help="model folder or 'demo'")
+    parser.add_argument("--data", required=True, help="training-format records (.json / .jsonl)")
+    parser.add_argument("--limit", type=int, default=40, help="records to probe (default 40; 0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder for image_reliance.json")
+    parser.add_argument("--json", action="store_true", help="print the result (without per-record rows) as JSON")
+    parser.set_defaults(func=run_probe)
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from finetune.probe import image_reliance, write_result
+
+    result = image_reliance(args.model, args.data, limit=args.limit or None, seed=args.seed,
+                            show_progress=not args.json)
+    if args.out:
+        write_result(result, args.out)
+    if args.json:
+        from longllava.cli import print_json
+
+        print_json({k: v for k, v in asdict(result).items() if k != "per_record"})
+    else:
+        print(result.summary_line())
     return 0
 
 

@@ -2,9 +2,8 @@
 
 ``longllava probe-images --model M --data FILE`` takes training-format records (any layout: CT
 studies, satellite grids, image lists), and for each one computes the loss of its answer tokens twice:
-with its own images, and with the images of another record that has the same number of images (a
-seeded derangement within each image-count group; records alone in their group are skipped and
-counted). A model that reads the pictures answers worse with the wrong ones: the mean gap
+with its own images, and with the images of another record that has other images of the same count
+(:func:`swap_partners`; records without such a partner are skipped and counted). A model that reads the pictures answers worse with the wrong ones: the mean gap
 ``swapped - own`` is clearly positive and most records prefer their own images. A model that answers
 from the question alone shows a gap near zero and about half (or all ties).
 
@@ -49,21 +48,28 @@ class ImageRelianceResult:
                 f"own images better for {self.prefer_own:.0%}, ties {self.ties:.0%}; {self.verdict}")
 
 
-def swap_partners(image_counts: Sequence[int], seed: int = 0) -> dict[int, int]:
-    """index -> index of another record with the same image count (a seeded cyclic shift within each
-    group, so nobody keeps their own images); records alone in their group get no partner."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, count in enumerate(image_counts):
-        if count > 0:
-            groups[count].append(index)
+def swap_partners(image_sets: Sequence[Sequence[Any]], seed: int = 0) -> dict[int, int]:
+    """index -> index of a record with other images of the same count.
+
+    ``image_sets`` are each record's image files. Within each count, the distinct sets are put in a
+    seeded cyclic order and every record takes the images of the next set, so no record keeps its own
+    (records of one study, several questions each, share a set and never swap among themselves).
+    Counts with a single distinct set, and records without images, get no partner."""
+    groups: dict[int, dict[tuple, list[int]]] = defaultdict(dict)
+    for index, images in enumerate(image_sets):
+        key = tuple(str(p) for p in images)
+        if key:
+            groups[len(key)].setdefault(key, []).append(index)
     rng = np.random.default_rng([seed, 17])
     partners = {}
-    for members in groups.values():
-        if len(members) < 2:
+    for by_set in groups.values():
+        sets = list(by_set)
+        if len(sets) < 2:
             continue
-        order = [members[i] for i in rng.permutation(len(members))]
-        for position, index in enumerate(order):
-            partners[index] = order[(position + 1) % len(order)]
+        order = [sets[i] for i in rng.permutation(len(sets))]
+        for position, key in enumerate(order):
+            donor = by_set[order[(position + 1) % len(order)]][0]
+            partners.update({index: donor for index in by_set[key]})
     return partners
 
 
@@ -107,11 +113,11 @@ def image_reliance(model_path: str, data: str, limit: int | None = 40, seed: int
     encoder = data_lib.ConversationEncoder(processor.tokenizer, tokens_per_image_of(processor, model), max_length=None)
     cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="longllava_probe_"))
     samples = [encoder.encode(r, data_lib.record_visuals(r, cache)) for r in records]
-    partners = swap_partners([len(s.image_paths) for s in samples], seed)
+    partners = swap_partners([s.image_paths for s in samples], seed)
     chosen = [i for i in range(len(samples)) if i in partners][: limit or None]
     if len(chosen) < 2:
-        raise FinetuneError(f"{data}: fewer than 2 records share an image count, so no images can be swapped; "
-                            "give more records (e.g. several studies rendered with the same slice count)")
+        raise FinetuneError(f"{data}: no two records have different images of the same count, so no images "
+                            "can be swapped; give more records (e.g. several studies rendered with the same slice count)")
     dataset = data_lib.ConversationDataset(samples, data_lib.processor_image_loader(processor.image_processor))
     iterator = chosen
     if show_progress:

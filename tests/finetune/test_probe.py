@@ -11,13 +11,16 @@ import pytest
 from finetune.probe import image_reliance, swap_partners, verdict_of
 
 
-def test_swap_partners_is_a_seeded_derangement_within_each_image_count():
-    counts = [2, 3, 2, 2, 0, 3, 5]
-    partners = swap_partners(counts, seed=0)
-    assert set(partners) == {0, 1, 2, 3, 5}  # the lone 5-image record and the image-less one get none
-    assert all(partners[i] != i and counts[partners[i]] == counts[i] for i in partners)
-    assert sorted(partners[i] for i in (0, 2, 3)) == [0, 2, 3]  # every image set is used once
-    assert partners == swap_partners(counts, seed=0) and swap_partners([1] * 12, 1) != swap_partners([1] * 12, 2)
+def test_swap_partners_give_every_record_other_images_of_the_same_count():
+    sets = [("a", "b"), ("c", "d", "e"), ("f", "g"), ("a", "b"), (), ("h", "i", "j"), ("k",) * 5, ("l", "m")]
+    partners = swap_partners(sets, seed=0)
+    assert set(partners) == {0, 1, 2, 3, 5, 7}  # the lone 5-image record and the image-less one get none
+    assert all(sets[partners[i]] != sets[i] and len(sets[partners[i]]) == len(sets[i]) for i in partners)
+    assert sets[partners[0]] == sets[partners[3]]  # two questions about one study get the same other study
+    assert partners == swap_partners(sets, seed=0)
+    many = [(str(i),) for i in range(12)]
+    assert swap_partners(many, 1) != swap_partners(many, 2)
+    assert swap_partners([("a",), ("a",)]) == {}  # one distinct set: nothing to swap with
 
 
 def test_verdicts():
@@ -54,10 +57,10 @@ def _colour(record_id: str) -> int:
     return int(record_id.split("-")[1]) % 3  # write_colour_set cycles red, green, blue
 
 
-def test_identical_images_give_ties_and_no_evidence(colour_model, colour_set, tmp_path):
+def test_identical_pictures_give_ties_and_no_evidence(colour_model, colour_set, tmp_path):
     records = [json.loads(line) for line in colour_set.read_text().splitlines()]
-    for record in records:
-        record["image"] = str(colour_set.parent / "img00.png")
+    for i, record in enumerate(records):  # twelve files, one picture
+        record["image"] = str(shutil.copy(colour_set.parent / "img00.png", tmp_path / f"same{i:02d}.png"))
     data = tmp_path / "same.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     result = image_reliance(str(colour_model), str(data), limit=6, show_progress=False)
@@ -81,5 +84,5 @@ def test_too_few_records_to_swap_is_a_clear_error(colour_model, colour_set, tmp_
     data = tmp_path / "one.jsonl"
     shutil.copy(colour_set.parent / "img00.png", tmp_path / "img00.png")
     data.write_text(colour_set.read_text().splitlines()[0] + "\n")
-    with pytest.raises(FinetuneError, match="fewer than 2 records share an image count"):
+    with pytest.raises(FinetuneError, match="no two records have different images of the same count"):
         image_reliance(str(colour_model), str(data), show_progress=False)

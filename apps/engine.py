@@ -126,7 +126,7 @@ def load_shared_model(path: str, device: str = "cpu") -> SharedModel:
 def stream_answer(
     shared: SharedModel,
     messages: Sequence[dict],
-    images: Sequence[Image.Image] | Callable[[], Sequence[Image.Image]],
+    images: Sequence[Image.Image],
     max_new_tokens: int,
     progress: ProgressCallback | None = None,
     cache_key: str | None = None,
@@ -136,16 +136,14 @@ def stream_answer(
     Runs :class:`longllava.session.LongContextSession`: images encoded in batches, the prompt
     prefilled in chunks, greedy decoding streamed piece by piece; ``progress(done, total, what)`` is
     called per image batch, prefill chunk and token. With a ``cache_key`` (one per loaded study or
-    image) the encoded images are kept in ``shared.features`` and later questions reuse them;
-    ``images`` may then be a callable, called only when the features are not cached.
+    image) the encoded images are kept in ``shared.features`` and later questions reuse them.
     """
     from longllava.session import LongContextSession
 
     session = LongContextSession(shared.model, shared.processor, progress=progress)
     features = shared.features.get(cache_key)
     if features is None:
-        pictures = list(images() if callable(images) else images)
-        features = session.encode_images(pictures, total=len(pictures))
+        features = session.encode_images(list(images), total=len(images))
         shared.features.put(cache_key, features)
     else:
         LOG.info("reusing the encoded images of this study (%d images)", len(features))

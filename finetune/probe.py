@@ -3,7 +3,8 @@
 ``longllava probe-images --model M --data FILE`` takes training-format records (any layout: CT
 studies, satellite grids, image lists), and for each one computes the loss of its answer tokens twice:
 with its own images, and with the images of another record that has other images of the same count
-(:func:`swap_partners`; records without such a partner are skipped and counted). A model that reads the pictures answers worse with the wrong ones: the mean gap
+(:func:`swap_partners`; records without such a partner are skipped and counted). A model that reads
+the pictures answers worse with the wrong ones: the mean gap
 ``swapped - own`` is clearly positive and most records prefer their own images. A model that answers
 from the question alone shows a gap near zero and about half (or all ties).
 
@@ -31,7 +32,7 @@ class ImageRelianceResult:
     model: str
     data: str
     n_records: int
-    n_skipped: int  # records with no other record of the same image count
+    n_skipped: int  # records with images but no record with other images of the same count
     mean_own_loss: float
     mean_swapped_loss: float
     mean_gap: float  # swapped - own, nats per answer token
@@ -73,7 +74,8 @@ def swap_partners(image_sets: Sequence[Sequence[Any]], seed: int = 0) -> dict[in
     return partners
 
 
-def verdict_of(mean_gap: float, ci95: tuple[float, float], prefer_own: float) -> str:
+def verdict_of(ci95: tuple[float, float], prefer_own: float) -> str:
+    """From the bootstrap interval of the mean gap and the share of records preferring their own images."""
     if ci95[0] > 0 and prefer_own > 0.5:
         return "the answers depend on the images"
     if ci95[1] < 0:
@@ -98,9 +100,14 @@ def _bootstrap_ci(values: np.ndarray, seed: int, rounds: int = 2000) -> tuple[fl
 
 def image_reliance(model_path: str, data: str, limit: int | None = 40, seed: int = 0,
                    cache_dir: str | Path | None = None, show_progress: bool = True) -> ImageRelianceResult:
-    """Own vs swapped images over the first ``limit`` records of ``data`` that have a swap partner."""
+    """Own vs swapped images over the first ``limit`` records of ``data`` that have a swap partner.
+
+    CT studies and rasters are rendered into ``cache_dir`` (default: a temporary folder, removed after)."""
     import tempfile
 
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="longllava_probe_") as folder:
+            return image_reliance(model_path, data, limit, seed, folder, show_progress)
     from finetune import FinetuneError
     from finetune import data as data_lib
     from finetune.evaluate import model_render_defaults
@@ -111,8 +118,7 @@ def image_reliance(model_path: str, data: str, limit: int | None = 40, seed: int
     model.eval()
     records = data_lib.load_records(data, None, model_render_defaults(model_path))
     encoder = data_lib.ConversationEncoder(processor.tokenizer, tokens_per_image_of(processor, model), max_length=None)
-    cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="longllava_probe_"))
-    samples = [encoder.encode(r, data_lib.record_visuals(r, cache)) for r in records]
+    samples = [encoder.encode(r, data_lib.record_visuals(r, Path(cache_dir))) for r in records]
     partners = swap_partners([s.image_paths for s in samples], seed)
     chosen = [i for i in range(len(samples)) if i in partners][: limit or None]
     if len(chosen) < 2:
@@ -139,7 +145,7 @@ def image_reliance(model_path: str, data: str, limit: int | None = 40, seed: int
         mean_own_loss=float(np.mean([r["own_loss"] for r in rows])),
         mean_swapped_loss=float(np.mean([r["swapped_loss"] for r in rows])),
         mean_gap=float(gaps.mean()), gap_ci95=ci95, prefer_own=prefer_own,
-        ties=float(np.mean(np.abs(gaps) < TIE_TOLERANCE)), verdict=verdict_of(float(gaps.mean()), ci95, prefer_own),
+        ties=float(np.mean(np.abs(gaps) < TIE_TOLERANCE)), verdict=verdict_of(ci95, prefer_own),
         per_record=rows)
 
 

@@ -12,10 +12,14 @@ and the held-out sets its model card is scored on:
   depth) drawn from a haystack pool and needle seeds far away from any evaluation seed
   (:data:`NIAH_TRAIN_SEED_BASE`; ``longllava evaluate niah --data synthetic:...`` derives its seeds
   from small integers).
-* ``*_train_perq.json``: the same training records split one question per record
-  (:func:`write_per_question_records`), in a seeded shuffled order. Evaluation asks every question alone,
-  straight after the images; a study's questions in one conversation in a fixed order would teach the
-  model that the first answer after the images is always the same question's.
+* ``ct_train_shuffled.json`` / ``rs_train_shuffled.json`` (the whole-study stage,
+  :func:`write_shuffled_records`): every study's / scene's conversation three times, its questions in a
+  seeded shuffled order each time. Evaluation asks every question alone, straight after the images; a
+  fixed order would teach the model that the first answer after the images is always the same question's.
+* ``single_train.json`` (the vision warm-up, :func:`write_single_image_records`): one image per record
+  (a CT slice, a satellite tile, a NIAH needle or haystack image) with an answer only its pixels give,
+  and ``single_niah_train.json``, its NIAH records alone (the first warm-up stage). It renders the CT
+  studies and scenes into the training image cache (:data:`DEMO_CACHE_DIR`).
 
 Same arguments -> the same files (every draw is seeded).
 """
@@ -29,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 DEMO_BUILD: dict[str, Any] = {
     "seed": 0,
-    "n_ct_train": 240,
+    "n_ct_train": 600,
     "n_ct_test": 40,
-    "n_rs_train": 300,
+    "n_rs_train": 600,
     "n_rs_test": 40,
     "ct_finding_params": {
         "Lung nodule": {"radius_range_mm": (7.0, 11.0), "count_range": (1, 3)},
@@ -43,12 +48,19 @@ DEMO_BUILD: dict[str, Any] = {
     "rs_object_scale": 1.5,
 }
 NIAH_TRAIN_SEED_BASE = 1_000_000_000
-NIAH_TRAIN_RECORDS = 400
+NIAH_TRAIN_RECORDS = 1000
 NIAH_POOL_SIZE = 800
-NIAH_IMAGES_RANGE = (4, 16)
+NIAH_IMAGES_RANGE = (4, 48)
 NIAH_SIZE = 112
 IMAGE_TAG = "<image>"
-PER_QUESTION_SOURCES = ("ct_train.json", "rs_train.json", "niah_train.json")
+SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
+SHUFFLED_COPIES = 3
+# how the demo recipes render CT studies (16 slices of 160 px) and scenes (336-px tiles, at most 16)
+DEMO_RENDER: dict[str, int] = {"num_slices": 16, "size": 160, "tile_size": 336, "max_tiles": 16}
+DEMO_CACHE_DIR = "build/demo_image_cache"
+SLICE_QUESTION = "Which findings does this CT slice show? Answer the findings with their side, or none."
+TILE_QUESTION = "How many ships, storage tanks and buildings does this tile show? Answer with three numbers."
+NEEDLE_QUESTION = "Does this image show a bold coloured shape? Answer its colour and shape, or none."
 
 
 class DemoDataError(ValueError):
@@ -77,27 +89,179 @@ def split_per_question(record: dict[str, Any]) -> list[dict[str, Any]]:
     return pieces
 
 
-def per_question_records(records: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
-    """Every record split per question (:func:`split_per_question`), in a seeded shuffled order."""
-    pieces = [piece for record in records for piece in split_per_question(record)]
-    order = np.random.default_rng([seed, 7]).permutation(len(pieces))
+def _built_file(out_dir: str | Path, name: str) -> Path:
+    source = Path(out_dir) / name
+    if not source.is_file():
+        raise DemoDataError(f"{source}: training records not found; build them first "
+                            f"(python -m finetune.demo_data --out {out_dir})")
+    return source
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-study stage: each conversation several times, its questions in a seeded shuffled order
+
+
+def shuffled_conversations(record: dict[str, Any], index: int, copies: int = SHUFFLED_COPIES,
+                           seed: int = 0) -> list[dict[str, Any]]:
+    """``copies`` versions of one record, each with its (question, answer) pairs in a seeded order.
+
+    One pass over a study's images then supervises all of its answers, and no answer sits at a fixed
+    position after the images (evaluation asks each question alone). The image tag goes in front of
+    whichever question comes first. ids become ``ID_cNN``; ``index`` is the record's place in its file."""
+    pairs = [(piece["conversations"][0]["value"], piece["conversations"][1]) for piece in split_per_question(record)]
+    tag = f"{IMAGE_TAG}\n" if pairs and pairs[0][0].startswith(IMAGE_TAG) else ""
+    questions = [(question.removeprefix(f"{IMAGE_TAG}\n"), answer) for question, answer in pairs]
+    versions = []
+    for copy in range(copies):
+        order = np.random.default_rng([seed, 11, index, copy]).permutation(len(questions))
+        turns: list[dict[str, Any]] = []
+        for position, pair in enumerate(order):
+            question, answer = questions[pair]
+            turns += [{"from": "human", "value": (tag if position == 0 else "") + question}, dict(answer)]
+        version = {key: value for key, value in record.items() if key != "conversations"}
+        version["id"] = f"{record.get('id', 'record')}_c{copy:02d}"
+        version["conversations"] = turns
+        versions.append(version)
+    return versions
+
+
+def shuffled_records(records: Sequence[dict[str, Any]], copies: int = SHUFFLED_COPIES,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """:func:`shuffled_conversations` of every record, all versions in a seeded shuffled order."""
+    versions = [v for index, record in enumerate(records) for v in shuffled_conversations(record, index, copies, seed)]
+    order = np.random.default_rng([seed, 7]).permutation(len(versions))
+    return [versions[i] for i in order]
+
+
+def write_shuffled_records(out_dir: str | Path, seed: int = 0, copies: int = SHUFFLED_COPIES,
+                           sources: Sequence[str] = SHUFFLED_SOURCES) -> list[Path]:
+    """Rewrite each built training file ``NAME.json`` in ``out_dir`` as ``NAME_shuffled.json``."""
+    written = []
+    for name in sources:
+        source = _built_file(out_dir, name)
+        target = source.with_name(f"{source.stem}_shuffled.json")
+        records = json.loads(source.read_text())
+        target.write_text(json.dumps(shuffled_records(records, copies, seed), indent=1) + "\n")
+        written.append(target)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision warm-up stage: one image per record, each with an answer that only its pixels give
+
+
+def _on_slice(finding: dict[str, Any], z: int) -> tuple[bool, str | None]:
+    """Whether ``finding`` reaches plane ``z`` (0-based) and its side there: a lung nodule by the
+    spans of the nodules themselves (a slice between two nodules shows none; the side is theirs)."""
+    nodules = (finding.get("details") or {}).get("nodules")
+    if nodules:
+        sides = {n["side"] for n in nodules if n["slices"][0] <= z <= n["slices"][1]}
+        return bool(sides), (sides.pop() if len(sides) == 1 else "both") if sides else None
+    span = finding.get("slices")
+    return bool(span and span[0] <= z <= span[1]), finding.get("side")
+
+
+def slice_findings_answer(findings: dict[str, dict[str, Any]], z_index: float) -> str:
+    """The findings on the rendered plane at fractional ``z_index`` (rounded to the nearest stored
+    slice; ground-truth spans are 0-based, inclusive) in :data:`RENDERABLE_FINDINGS` order with their
+    side: ``"lung nodule (left), cardiomegaly"``, or ``"none"``."""
+    from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
+
+    shown = []
+    for name in RENDERABLE_FINDINGS:
+        finding = findings.get(name) or {}
+        on_slice, side = _on_slice(finding, round(z_index)) if finding.get("present") else (False, None)
+        if on_slice:
+            shown.append(name.lower() + (f" ({side})" if side else ""))
+    return ", ".join(shown) or "none"
+
+
+def tile_counts_answer(objects: Sequence[dict[str, Any]], row: int, col: int) -> str:
+    """Object counts of the tile at 1-based (``row``, ``col``): ``"ships 0, storage tanks 2, buildings 0"``."""
+    from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
+
+    inside = [o["kind"] for o in objects if list(o["tile"]) == [row, col]]
+    return ", ".join(f"{PLURALS[kind]} {inside.count(kind)}" for kind in OBJECT_KINDS)
+
+
+def _single(record_id: str, image: Path, question: str, answer: str) -> dict[str, Any]:
+    return {"id": record_id, "images": [str(image)], "layout": "images",
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+
+
+def _rendered(out: Path, name: str, render: dict[str, Any], cache_dir: Path) -> list[tuple[str, dict, Any]]:
+    """(id, ground truth, rendered visuals) of every study / scene in ``NAME.json`` (render cached)."""
+    from finetune import data
+
+    truth_file = out / name.replace(".json", "_studies.jsonl" if name.startswith("ct") else "_scenes.jsonl")
+    truths = {item["id"]: item["ground_truth"] for item in map(json.loads, truth_file.read_text().splitlines())}
+    records = data.load_records(_built_file(out, name), None, render)
+    return [(r.id, truths[r.id], data.record_visuals(r, cache_dir))
+            for r in tqdm(records, desc=f"render {name}", unit="source")]
+
+
+def _slice_records(out: Path, render: dict[str, Any], cache: Path) -> list[dict[str, Any]]:
+    pieces = []
+    for record_id, truth, visuals in _rendered(out, "ct_train.json", render, cache):
+        # the renderer samples len(paths) evenly spaced planes at these fractional z indices
+        z_indices = np.linspace(0, truth["shape_zyx"][0] - 1, len(visuals.paths))
+        for s, (path, z) in enumerate(zip(visuals.paths, z_indices, strict=True)):
+            answer = slice_findings_answer(truth["findings"], float(z))
+            pieces.append(_single(f"{record_id}_s{s:02d}", path, SLICE_QUESTION, answer))
+    return pieces
+
+
+def _tile_records(out: Path, render: dict[str, Any], cache: Path) -> list[dict[str, Any]]:
+    pieces = []
+    for record_id, truth, visuals in _rendered(out, "rs_train.json", render, cache):
+        rows, cols = truth["grid"]["rows"], truth["grid"]["cols"]
+        if len(visuals.paths) != 1 + rows * cols:
+            raise DemoDataError(f"{record_id}: rendered {len(visuals.paths)} images, expected a thumbnail and "
+                                f"{rows}x{cols} tiles; raise render max_tiles to at least {rows * cols}")
+        for row in range(1, rows + 1):
+            for col in range(1, cols + 1):
+                path = visuals.paths[1 + (row - 1) * cols + (col - 1)]  # thumbnail first, then row-major tiles
+                answer = tile_counts_answer(truth["objects"], row, col)
+                pieces.append(_single(f"{record_id}_t{row}{col}", path, TILE_QUESTION, answer))
+    return pieces
+
+
+def _needle_records(out: Path) -> list[dict[str, Any]]:
+    pieces = []
+    for record in json.loads(_built_file(out, "niah_train.json").read_text()):
+        needle_at = next(i for i, rel in enumerate(record["images"]) if "needle_" in Path(rel).name)
+        if needle_at != 0:
+            pieces.append(_single(f"{record['id']}_i00", out / record["images"][0], NEEDLE_QUESTION, "none"))
+        answer = record["conversations"][1]["value"]
+        pieces.append(_single(f"{record['id']}_i{needle_at:02d}", out / record["images"][needle_at],
+                              NEEDLE_QUESTION, answer))
+    return pieces
+
+
+def single_image_records(out_dir: str | Path, cache_dir: str | Path, render: dict[str, Any] | None = None,
+                         seed: int = 0) -> list[dict[str, Any]]:
+    """One-image records for the vision warm-up, in a seeded shuffled order: every rendered CT slice
+    with the findings it crosses (:func:`slice_findings_answer`), every satellite tile (not the
+    thumbnail) with its object counts (:func:`tile_counts_answer`), and from each NIAH record its first
+    image when that is a haystack ("none") and its needle image. CT studies and scenes are rendered with
+    ``render`` (default :data:`DEMO_RENDER`) into ``cache_dir``: give the training run's image cache so
+    the whole-study stage reuses the renders. Image paths are absolute."""
+    out, cache = Path(out_dir).resolve(), Path(cache_dir).resolve()
+    render = dict(DEMO_RENDER if render is None else render)
+    pieces = _slice_records(out, render, cache) + _tile_records(out, render, cache) + _needle_records(out)
+    order = np.random.default_rng([seed, 13]).permutation(len(pieces))
     return [pieces[i] for i in order]
 
 
-def write_per_question_records(out_dir: str | Path, seed: int = 0,
-                               sources: Sequence[str] = PER_QUESTION_SOURCES) -> list[Path]:
-    """Rewrite each built training file ``NAME.json`` in ``out_dir`` as ``NAME_perq.json`` (per question)."""
-    written = []
-    for name in sources:
-        source = Path(out_dir) / name
-        if not source.is_file():
-            raise DemoDataError(f"{source}: training records not found; build them first "
-                                f"(python -m finetune.demo_data --out {out_dir})")
-        target = source.with_name(f"{source.stem}_perq.json")
-        records = json.loads(source.read_text())
-        target.write_text(json.dumps(per_question_records(records, seed), indent=1) + "\n")
-        written.append(target)
-    return written
+def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0) -> Path:
+    """``single_train.json`` in ``out_dir`` (:func:`single_image_records`) and ``single_niah_train.json``,
+    its NIAH records alone (same order): the first warm-up stage. Returns the first."""
+    records = single_image_records(out_dir, cache_dir, seed=seed)
+    niah = [r for r in records if r["id"].startswith("niah_")]
+    (Path(out_dir) / "single_niah_train.json").write_text(json.dumps(niah, indent=1) + "\n")
+    target = Path(out_dir) / "single_train.json"
+    target.write_text(json.dumps(records, indent=1) + "\n")
+    return target
 
 
 def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, pool_size: int = NIAH_POOL_SIZE,
@@ -145,8 +309,10 @@ def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, p
     return target
 
 
-def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> dict[str, Any]:
-    """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``) plus ``niah_train.json``."""
+def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
+                    cache_dir: str | Path = DEMO_CACHE_DIR) -> dict[str, Any]:
+    """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
+    both stages' training files (the warm-up's renders land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
 
     options = dict(DEMO_BUILD, seed=seed)
@@ -155,7 +321,8 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> d
     manifest = build_synthetic_sets(out_dir, **options)
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
-    write_per_question_records(out_dir, seed)
+    write_shuffled_records(out_dir, seed)
+    write_single_image_records(out_dir, cache_dir, seed)
     return manifest
 
 
@@ -176,14 +343,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="build/synthetic", help="output folder (default build/synthetic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every set size (e.g. 0.02 for a smoke run)")
-    parser.add_argument("--per-question-only", action="store_true",
-                        help="only rewrite an existing build's training files as *_perq.json (no rebuild)")
+    parser.add_argument("--cache-dir", default=DEMO_CACHE_DIR,
+                        help=f"image cache the recipes train from (default {DEMO_CACHE_DIR})")
+    parser.add_argument("--records-only", action="store_true",
+                        help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
     args = parser.parse_args(argv)
-    if args.per_question_only:
-        for path in write_per_question_records(args.out, args.seed):
+    if args.records_only:
+        written = write_shuffled_records(args.out, args.seed) + [
+            write_single_image_records(args.out, args.cache_dir, args.seed)]
+        for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
-    manifest = build_demo_data(args.out, args.seed, args.scale)
+    manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

@@ -135,9 +135,25 @@ def read_predictions_file(path: Path) -> dict[str, dict]:
     return read_predictions(path)
 
 
+def earlier_stages(run_dir: str | Path) -> list[Path]:
+    """The runs a run was started from, oldest first: each ``recipe.yaml`` whose ``base_model`` is
+    ``OTHER_RUN/model`` (with its own ``recipe.yaml``) leads to ``OTHER_RUN``; a preset ends the chain."""
+    import yaml
+
+    chain: list[Path] = []
+    run = Path(run_dir)
+    while True:
+        base = Path(str(yaml.safe_load((run / "recipe.yaml").read_text()).get("base_model", "")))
+        if base.name != "model" or not (base.parent / "recipe.yaml").is_file() or base.parent in chain:
+            return chain[::-1]
+        run = base.parent
+        chain.append(run)
+
+
 def export_checkpoint(run_dir: str | Path, eval_dir: str | Path, dest: str | Path) -> Path:
-    """Copy a finished demo run's model (+ recipe, loss curve, summary) to ``dest`` with ``eval_scores.json``
-    (full held-out figures with baselines, and the CI subset's expected answers)."""
+    """Copy a finished demo run's model (+ recipe, loss curve, summary; ``stageN_recipe.yaml`` /
+    ``stageN_loss.csv`` of the runs it was started from) to ``dest`` with ``eval_scores.json`` (full
+    held-out figures with baselines, and the CI subset's expected answers)."""
     import shutil
 
     run, evals, out = Path(run_dir), Path(eval_dir), Path(dest)
@@ -147,6 +163,9 @@ def export_checkpoint(run_dir: str | Path, eval_dir: str | Path, dest: str | Pat
             shutil.copyfile(run / "model" / name, out / name)
     for source, target in RUN_FILES.items():
         shutil.copyfile(run / source, out / target)
+    for number, stage in enumerate(earlier_stages(run), start=1):
+        for source in ("recipe.yaml", "loss.csv"):
+            shutil.copyfile(stage / source, out / f"stage{number}_{source}")
     full = json.loads((evals / "scores.json").read_text())
     counts = json.loads((Path(full["ct"]["data"]).parent / "manifest.json").read_text())["counts"]
     scores = {"full": full, "heldout": {"n_ct": counts["ct_test_studies"], "n_rs": counts["rs_test_scenes"]},

@@ -13,14 +13,23 @@ import yaml
 
 from finetune.demo_data import (
     DEMO_BUILD,
+    DEMO_RENDER,
+    NEEDLE_QUESTION,
+    SLICE_QUESTION,
+    TILE_QUESTION,
     DemoDataError,
     build_heldout_subset,
     build_niah_train,
-    per_question_records,
+    shuffled_conversations,
+    shuffled_records,
+    single_image_records,
+    slice_findings_answer,
     split_per_question,
-    write_per_question_records,
+    tile_counts_answer,
+    write_shuffled_records,
+    write_single_image_records,
 )
-from finetune.demo_scores import CARD_ROWS, card_tables, evaluation_plan
+from finetune.demo_scores import CARD_ROWS, card_tables, earlier_stages, evaluation_plan
 from finetune.evaluate import METRICS, read_predictions
 from finetune.train import INFERENCE_DEFAULTS_FILE, load_recipe
 from longllava.config import LongLlavaConfig
@@ -48,10 +57,19 @@ def test_demo_resolves_to_the_bundled_folder_with_its_card():
     assert "synthetic" in card.lower() and "python -m finetune.demo_data" in card and "longllava finetune demo" in card
 
 
-def test_committed_checkpoint_matches_the_recipe():
-    recipe = load_recipe("demo")
-    assert recipe.base_model.startswith("preset:") and recipe.mode == "full"
-    preset = LongLlavaConfig.from_preset(recipe.base_model.split(":", 1)[1])
+# keys that name and place a run, not what it trains: the warm-up runs were started from the
+# demo_warmup recipe with command-line overrides and other output folders (see the model card)
+RUN_LABEL_KEYS = {"name", "description", "output_dir", "base_model"}
+
+
+def test_committed_checkpoint_matches_the_recipes():
+    """Three stages: demo_warmup_niah from the seeded preset, demo_warmup from its model, demo from that."""
+    first, warmup, recipe = (load_recipe(name) for name in ("demo_warmup_niah", "demo_warmup", "demo"))
+    assert first.base_model.startswith("preset:") and first.mode == warmup.mode == recipe.mode == "full"
+    assert warmup.base_model == f"{first.output_dir}/model" and recipe.base_model == f"{warmup.output_dir}/model"
+    assert first.render == warmup.render == recipe.render == DEMO_RENDER
+    assert first.image_cache_dir == warmup.image_cache_dir == recipe.image_cache_dir  # one render cache
+    preset = LongLlavaConfig.from_preset(first.base_model.split(":", 1)[1])
     saved = LongLlavaConfig.from_pretrained(DEMO_DIR)
     assert saved.pooled_grid == preset.pooled_grid
     saved_vision = {k: v for k, v in saved.vision_config.to_dict().items() if k not in STORAGE_FIELDS}
@@ -60,9 +78,12 @@ def test_committed_checkpoint_matches_the_recipe():
     saved_text = {k: v for k, v in saved.text_config.to_dict().items() if k not in ignored}
     preset_text = {k: v for k, v in preset.text_config.to_dict().items() if k not in ignored}
     assert saved_text == preset_text
-    # the recipe that trained the checkpoint (copied from the run) is the bundled one, key for key
-    trained_with = yaml.safe_load((DEMO_DIR / "training_recipe.yaml").read_text())
-    assert trained_with == asdict(recipe)
+    # the recipes that trained the checkpoint (copied from the runs) are the bundled ones, key for key
+    assert yaml.safe_load((DEMO_DIR / "training_recipe.yaml").read_text()) == asdict(recipe)
+    for stage, file in ((first, "stage1_recipe.yaml"), (warmup, "stage2_recipe.yaml")):
+        ran = yaml.safe_load((DEMO_DIR / file).read_text())
+        assert {k: v for k, v in ran.items() if k not in RUN_LABEL_KEYS} == {
+            k: v for k, v in asdict(stage).items() if k not in RUN_LABEL_KEYS}, file
     defaults = json.loads((DEMO_DIR / INFERENCE_DEFAULTS_FILE).read_text())
     assert defaults == {"render": recipe.render}
 
@@ -74,19 +95,29 @@ def test_bundled_model_loads_every_weight_in_fp32():
     assert model.config.image_size == 160
 
 
-def _tiny_training_data(root: Path) -> list[str]:
+def _tiny_build(root: Path) -> Path:
     from domain_data.synthetic.build import build_synthetic_sets
 
     options = {k: v for k, v in DEMO_BUILD.items() if k not in ("n_ct_test", "n_rs_test", "n_ct_train", "n_rs_train")}
-    build_synthetic_sets(root, n_ct_train=1, n_ct_test=0, n_rs_train=1, n_rs_test=0, **options)
-    build_niah_train(root, n_records=2, pool_size=8, images_range=(3, 4))
-    return [str(path) for path in write_per_question_records(root)]  # what the recipe trains on
+    build_synthetic_sets(root, n_ct_train=2, n_ct_test=0, n_rs_train=1, n_rs_test=0, **options)
+    build_niah_train(root, n_records=3, pool_size=8, images_range=(3, 4))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory) -> Path:
+    return _tiny_build(tmp_path_factory.mktemp("demo_data"))
 
 
 def _conversation(*turns: str, tag: bool = True) -> dict:
     values = [f"<image>\n{turns[0]}" if tag else turns[0], *turns[1:]]
     return {"id": "s1", "image": "ct/a.nii.gz", "layout": "series",
             "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]}
+
+
+def _pairs(record: dict) -> list[tuple[str, str]]:
+    turns = record["conversations"]
+    return [(turns[i]["value"].removeprefix("<image>\n"), turns[i + 1]["value"]) for i in range(0, len(turns), 2)]
 
 
 def test_split_per_question_gives_every_question_its_own_record_after_the_images():
@@ -103,12 +134,22 @@ def test_split_per_question_gives_every_question_its_own_record_after_the_images
     assert untagged[0]["conversations"][0]["value"] == "Which colour?"
 
 
-def test_per_question_records_are_a_seeded_shuffle_of_all_questions():
-    records = [dict(_conversation(f"q{k}a", "a", f"q{k}b", "b"), id=f"s{k}") for k in range(20)]
-    first, again, other = (per_question_records(records, seed) for seed in (0, 0, 1))
-    assert first == again and first != other
-    assert sorted(p["id"] for p in first) == sorted(f"s{k}_q0{j}" for k in range(20) for j in (0, 1))
-    assert [p["id"] for p in first] != sorted(p["id"] for p in first)  # not in source order
+def test_shuffled_conversations_keep_every_pair_in_seeded_orders_with_the_tag_first():
+    record = _conversation(*[x for k in range(6) for x in (f"q{k}?", f"a{k}")])
+    copies = shuffled_conversations(record, index=0, copies=3, seed=0)
+    assert [c["id"] for c in copies] == ["s1_c00", "s1_c01", "s1_c02"]
+    for copy in copies:
+        assert sorted(_pairs(copy)) == sorted(_pairs(record))  # every question keeps its own answer
+        values = [t["value"] for t in copy["conversations"][::2]]
+        assert values[0].startswith("<image>\n") and not any("<image>" in v for v in values[1:])
+        assert copy["image"] == record["image"] and copy["layout"] == "series"
+    orders = [[q for q, _ in _pairs(c)] for c in copies]
+    assert len({tuple(o) for o in orders}) == 3  # 6! orders: three copies differ
+    assert shuffled_conversations(record, 0, 3, 0) == copies and shuffled_conversations(record, 1, 3, 0) != copies
+    records = [dict(record, id=f"s{k}") for k in range(10)]
+    mixed = shuffled_records(records, copies=2, seed=0)
+    assert sorted(r["id"] for r in mixed) == sorted(f"s{k}_c0{j}" for k in range(10) for j in (0, 1))
+    assert [r["id"] for r in mixed] != sorted(r["id"] for r in mixed) and mixed == shuffled_records(records, 2, 0)
 
 
 def test_split_per_question_rejects_broken_conversations(tmp_path):
@@ -117,23 +158,84 @@ def test_split_per_question_rejects_broken_conversations(tmp_path):
     with pytest.raises(DemoDataError, match="alternate human/gpt"):
         split_per_question(broken)
     with pytest.raises(DemoDataError, match="ct_train.json.*python -m finetune.demo_data"):
-        write_per_question_records(tmp_path)
+        write_shuffled_records(tmp_path)
 
 
-def test_demo_recipe_trains_a_few_steps(tmp_path):
+def test_slice_findings_answer_follows_the_ground_truth_spans_and_nodules():
+    findings = {
+        "Lung nodule": {"present": True, "side": "both", "slices": [10, 40],
+                        "details": {"nodules": [{"side": "left", "slices": [10, 14]},
+                                                {"side": "right", "slices": [36, 40]}]}},
+        "Cardiomegaly": {"present": True, "side": None, "slices": [12, 60], "details": {}},
+        "Emphysema": {"present": False, "side": None, "slices": None, "details": {}},
+    }
+    assert slice_findings_answer(findings, 11.6) == "lung nodule (left), cardiomegaly"  # plane 12
+    assert slice_findings_answer(findings, 25.0) == "cardiomegaly"  # between the two nodules
+    assert slice_findings_answer(findings, 40.4) == "lung nodule (right), cardiomegaly"  # plane 40
+    assert slice_findings_answer(findings, 61.0) == "none"
+    findings["Lung nodule"]["details"]["nodules"][1]["slices"] = [12, 16]
+    assert slice_findings_answer(findings, 13.0).startswith("lung nodule (both)")
+
+
+def test_tile_counts_answer_counts_the_objects_of_one_tile():
+    objects = [{"kind": "ship", "tile": [1, 2]}, {"kind": "ship", "tile": [1, 2]},
+               {"kind": "building", "tile": [2, 1]}, {"kind": "storage tank", "tile": [1, 2]}]
+    assert tile_counts_answer(objects, 1, 2) == "ships 2, storage tanks 1, buildings 0"
+    assert tile_counts_answer(objects, 2, 1) == "ships 0, storage tanks 0, buildings 1"
+    assert tile_counts_answer(objects, 2, 2) == "ships 0, storage tanks 0, buildings 0"
+
+
+def test_single_image_records_label_every_slice_tile_and_needle(tiny_build, tmp_path):
+    records = single_image_records(tiny_build, tmp_path / "cache")
+    assert records == single_image_records(tiny_build, tmp_path / "cache")  # seeded
+    by_kind = {kind: [r for r in records if r["id"].startswith(kind)] for kind in ("ct", "rs", "niah")}
+    assert len(by_kind["ct"]) == 2 * DEMO_RENDER["num_slices"]
+    assert all(r["conversations"][0]["value"] == SLICE_QUESTION for r in by_kind["ct"])
+    scene = json.loads((tiny_build / "rs_train_scenes.jsonl").read_text().splitlines()[0])["ground_truth"]
+    assert len(by_kind["rs"]) == scene["grid"]["rows"] * scene["grid"]["cols"]
+    totals = dict.fromkeys(scene["counts"], 0)
+    for record in by_kind["rs"]:
+        assert record["conversations"][0]["value"] == TILE_QUESTION
+        for part in record["conversations"][1]["value"].split(", "):
+            name, count = part.rsplit(" ", 1)
+            totals[{"ships": "ship", "storage tanks": "storage tank", "buildings": "building"}[name]] += int(count)
+    assert totals == scene["counts"]  # every object lies in exactly one tile
+    niah = json.loads((tiny_build / "niah_train.json").read_text())
+    needles = [r for r in by_kind["niah"] if r["conversations"][1]["value"] != "none"]
+    assert sorted(r["conversations"][1]["value"] for r in needles) == sorted(r["conversations"][1]["value"] for r in niah)
+    assert all("needle_" in r["images"][0] and r["conversations"][0]["value"] == NEEDLE_QUESTION for r in needles)
+    assert all("hay_" in r["images"][0] for r in by_kind["niah"] if r not in needles)
+    assert all(Path(r["images"][0]).is_absolute() and Path(r["images"][0]).is_file() for r in records)
+
+
+def test_demo_recipes_train_a_few_steps_in_three_stages(tiny_build, tmp_path):
     from finetune.train import run_training
 
-    train_data = _tiny_training_data(tmp_path / "data")
-    recipe = load_recipe("demo", [f"train_data={','.join(train_data)}", f"output_dir={tmp_path / 'run'}",
-                                  f"image_cache_dir={tmp_path / 'cache'}", "max_steps=2", "logging_steps=1",
-                                  "save_steps=1000"])
-    summary = run_training(recipe)
-    assert summary["global_step"] == 2
-    assert summary["train_samples"] == sum(len(json.loads(Path(path).read_text())) for path in train_data)
-    assert math.isfinite(summary["first_loss"]) and math.isfinite(summary["last_loss"])
-    saved = Path(summary["saved_to"])
+    cache = tmp_path / "cache"
+    single = write_single_image_records(tiny_build, cache)
+    whole = [str(p) for p in write_shuffled_records(tiny_build)] + [str(tiny_build / "niah_train.json")]
+    common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000"]
+    base = None
+    for name, files, extra in (("demo_warmup_niah", [tiny_build / "single_niah_train.json"], ["per_device_train_batch_size=2"]),
+                               ("demo_warmup", [single], ["per_device_train_batch_size=4"]),
+                               ("demo", whole, [])):
+        overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}", *common, *extra]
+        recipe = load_recipe(name, overrides + ([f"base_model={base}"] if base else []))
+        summary = run_training(recipe)
+        assert summary["global_step"] == 2 and math.isfinite(summary["last_loss"]), name
+        assert summary["train_samples"] == sum(len(json.loads(Path(path).read_text())) for path in files)
+        base = summary["saved_to"]
+    saved = Path(base)
     assert json.loads((saved / INFERENCE_DEFAULTS_FILE).read_text()) == {"render": recipe.render}
     assert LongLlavaConfig.from_pretrained(saved).to_dict()["text_config"]["hidden_size"] == 256
+
+
+def test_earlier_stages_follow_base_model_back_to_the_preset(tmp_path):
+    for name, base in (("a", "preset:demo"), ("b", f"{tmp_path}/a/model"), ("c", f"{tmp_path}/b/model")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.yaml").write_text(yaml.safe_dump({"base_model": base}))
+    assert earlier_stages(tmp_path / "c") == [tmp_path / "a", tmp_path / "b"]
+    assert earlier_stages(tmp_path / "a") == []
 
 
 def _subset_agreement(task: str, expected: dict[str, str], out_dir: Path) -> tuple[float, dict, dict]:

@@ -64,7 +64,7 @@ NEEDLE_QUESTION = "Does this image show a bold coloured shape? Answer its colour
 
 
 class DemoDataError(ValueError):
-    """A training-record file that cannot be split per question."""
+    """Demo training data that is missing or cannot be turned into a stage's records."""
 
 
 def split_per_question(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -189,12 +189,13 @@ def _single(record_id: str, image: Path, question: str, answer: str) -> dict[str
             "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
 
 
-def _rendered(out: Path, name: str, render: dict[str, Any], cache_dir: Path) -> list[tuple[str, dict, Any]]:
-    """(id, ground truth, rendered visuals) of every study / scene in ``NAME.json`` (render cached)."""
+def _rendered(out: Path, name: str, truths_name: str, render: dict[str, Any], cache_dir: Path
+              ) -> list[tuple[str, dict, Any]]:
+    """(id, ground truth from ``truths_name``, rendered visuals) of every study / scene in ``name``."""
     from finetune import data
 
-    truth_file = out / name.replace(".json", "_studies.jsonl" if name.startswith("ct") else "_scenes.jsonl")
-    truths = {item["id"]: item["ground_truth"] for item in map(json.loads, truth_file.read_text().splitlines())}
+    lines = _built_file(out, truths_name).read_text().splitlines()
+    truths = {item["id"]: item["ground_truth"] for item in map(json.loads, lines)}
     records = data.load_records(_built_file(out, name), None, render)
     return [(r.id, truths[r.id], data.record_visuals(r, cache_dir))
             for r in tqdm(records, desc=f"render {name}", unit="source")]
@@ -202,7 +203,7 @@ def _rendered(out: Path, name: str, render: dict[str, Any], cache_dir: Path) -> 
 
 def _slice_records(out: Path, render: dict[str, Any], cache: Path) -> list[dict[str, Any]]:
     pieces = []
-    for record_id, truth, visuals in _rendered(out, "ct_train.json", render, cache):
+    for record_id, truth, visuals in _rendered(out, "ct_train.json", "ct_train_studies.jsonl", render, cache):
         # the renderer samples len(paths) evenly spaced planes at these fractional z indices
         z_indices = np.linspace(0, truth["shape_zyx"][0] - 1, len(visuals.paths))
         for s, (path, z) in enumerate(zip(visuals.paths, z_indices, strict=True)):
@@ -213,7 +214,7 @@ def _slice_records(out: Path, render: dict[str, Any], cache: Path) -> list[dict[
 
 def _tile_records(out: Path, render: dict[str, Any], cache: Path) -> list[dict[str, Any]]:
     pieces = []
-    for record_id, truth, visuals in _rendered(out, "rs_train.json", render, cache):
+    for record_id, truth, visuals in _rendered(out, "rs_train.json", "rs_train_scenes.jsonl", render, cache):
         rows, cols = truth["grid"]["rows"], truth["grid"]["cols"]
         if len(visuals.paths) != 1 + rows * cols:
             raise DemoDataError(f"{record_id}: rendered {len(visuals.paths)} images, expected a thumbnail and "

@@ -151,10 +151,12 @@ def test_stages_choose_trainable_parameters(tiny_base):
 
 def test_recipes_parse_and_overrides_apply(tmp_path):
     names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-    assert names == ["ct_rate_lora", "demo", "pubmedvision_full", "pubmedvision_lora", "skysense_lora"]
+    assert names == ["ct_rate_lora", "demo", "demo_warmup", "demo_warmup_niah", "pubmedvision_full",
+                     "pubmedvision_lora", "skysense_lora"]
+    warmup_ratios = {"demo_warmup": 0.05, "demo_warmup_niah": 0.05}  # the demo's single-image stages, as they ran
     for name in names:
         recipe = load_recipe(name)
-        assert recipe.lr_scheduler_type == "cosine" and recipe.warmup_ratio == 0.03
+        assert recipe.lr_scheduler_type == "cosine" and recipe.warmup_ratio == warmup_ratios.get(name, 0.03)
     recipe = load_recipe("demo", ["max_steps=3", "learning_rate=1e-4", "train_data=a.json,b.json", "pack=false"])
     assert (recipe.max_steps, recipe.learning_rate, recipe.train_data, recipe.pack) == (3, 1e-4, ["a.json", "b.json"],
                                                                                         False)

@@ -33,7 +33,7 @@ browser:
 demo: setup
 	$(VENV)/bin/longllava app --model demo --host $(HOST) --port $(PORT) --preload-samples
 
-# Retrain the bundled demo model from scratch and score it (about 1 h 15 min on 2 CPU cores: data,
+# Retrain the bundled demo model from scratch and score it (roughly 1-1.5 h on 2 CPU cores: data,
 # three training stages, held-out scoring); writes build/, then copies the result over
 # longllava/checkpoints/demo. See that folder's MODEL_CARD.md.
 demo-model: setup

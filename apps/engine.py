@@ -106,21 +106,43 @@ class SharedModel:
     processor: Any
     name: str = "model"
     features: FeatureCache = field(default_factory=FeatureCache.from_env)
+    notice: str = ""  # the model card's opening paragraph, shown on the page (see model_card_notice)
 
     def image_size(self) -> int:
         """Side of one image as the vision tower sees it (the tile size for satellite grids)."""
         return int(self.model.config.image_size)
 
 
+MODEL_CARD_FILE = "MODEL_CARD.md"
+
+
+def model_card_notice(model_dir: str | os.PathLike) -> str:
+    """The first paragraph after the title of the folder's ``MODEL_CARD.md`` (what the model is and is
+    not for), or ``""`` where the folder has no card."""
+    from pathlib import Path
+
+    card = Path(model_dir) / MODEL_CARD_FILE
+    if not card.is_file():
+        return ""
+    lines = [line for line in card.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    paragraph: list[str] = []
+    for line in lines:
+        if line.strip():
+            paragraph.append(line.strip())
+        elif paragraph:
+            break
+    return " ".join(paragraph)
+
+
 def load_shared_model(path: str, device: str = "cpu") -> SharedModel:
     """Load a model folder (or ``"demo"``) once for all app sessions."""
-    from longllava.loading import load_model
+    from longllava.loading import load_model, resolve_model_dir
 
     model, processor = load_model(path, device=device)
     model.eval()
     parts = str(path).rstrip("/").split("/")
     name = "demo" if path == "demo" else "/".join(parts[-2:]) if parts[-1] in GENERIC_FOLDER_NAMES else parts[-1]
-    return SharedModel(model=model, processor=processor, name=name)
+    return SharedModel(model=model, processor=processor, name=name, notice=model_card_notice(resolve_model_dir(path)))
 
 
 def stream_answer(

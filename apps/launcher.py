@@ -46,6 +46,8 @@ def build_app(shared: SharedModel | tuple[Any, Any], config: AppConfig | None = 
     with gr.Blocks(title="LongLLaVA", delete_cache=(3600, 24 * 3600)) as app:
         gr.Markdown(f"## LongLLaVA: long visual inputs\nModel: `{shared.name}`. "
                     "Research use only, not for diagnosis.")
+        if shared.notice:
+            gr.Markdown(f"**About this model** (from its model card): {shared.notice}", elem_id="model-notice")
         sample_events = []
         if len(kinds) == 1:
             sample_events.append(builders[kinds[0]](shared, config))

@@ -181,6 +181,29 @@ def test_build_app_both_tabs_one_model_and_queue(tiny_model_dir: Path, config) -
         build_app(shared, config, kinds=("mri",))
 
 
+def test_model_card_notice_is_the_cards_first_paragraph_and_shown_on_the_page(tiny_model_dir: Path, tmp_path,
+                                                                              config) -> None:
+    import shutil
+
+    from apps.engine import load_shared_model, model_card_notice
+    from apps.launcher import build_app
+    from longllava.loading import DEMO_DIR
+
+    assert model_card_notice(tiny_model_dir) == ""  # no card, no notice
+    assert load_shared_model(str(tiny_model_dir)).notice == ""
+    with_card = tmp_path / "carded"
+    shutil.copytree(tiny_model_dir, with_card)
+    (with_card / "MODEL_CARD.md").write_text("# Title\n\n**Toy model.** Knows only\nflat colours.\n\nSecond part.\n")
+    assert model_card_notice(with_card) == "**Toy model.** Knows only flat colours."
+    shared = load_shared_model(str(with_card))
+    assert shared.notice == "**Toy model.** Knows only flat colours."
+    app = build_app(shared, config)
+    shown = [b.value for b in app.blocks.values() if getattr(b, "elem_id", None) == "model-notice"]
+    assert shown == ["**About this model** (from its model card): **Toy model.** Knows only flat colours."]
+    demo_notice = model_card_notice(DEMO_DIR)  # the bundled model says what it is not
+    assert "only synthetic data" in demo_notice and "not a medical device" in demo_notice
+
+
 # ----------------------------------------------------------------------------- satellite
 
 

@@ -3,7 +3,9 @@
 Stages (LongLLaVA, section 4): ``align`` trains only the projector (vision tower and LLM frozen);
 ``sft`` trains projector + LLM; ``multi`` trains projector + LLM on multi-image / series / grid data
 mixed with ``replay_ratio`` x as many records replayed from earlier-stage data (``replay_data``).
-The vision tower stays frozen in every stage (as in the paper).
+The vision tower stays frozen in every stage (as in the paper) unless ``train_vision_tower`` is set.
+``vision`` (not in the paper, which starts from a pretrained CLIP) pretrains a vision tower trained from
+random weights on labelled single images through a linear head (:mod:`finetune.vision`).
 
 Modes: ``full`` updates all trainable weights of the stage; ``lora`` freezes the LLM and adds
 adapters (see :data:`LORA_TARGET_MODULES`) while the projector is trained fully (``modules_to_save``).
@@ -34,7 +36,7 @@ from finetune import FinetuneError
 RECIPE_DIR = Path(__file__).parent / "recipes"
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 MODES = ("lora", "full")
-STAGES = ("align", "sft", "multi")
+STAGES = ("align", "sft", "multi", "vision")
 
 # LoRA targets, language model only (the CLIP tower has q/k/v/out_proj too and stays frozen):
 # attention (q,k,v,o), Mamba mixer projections (in_proj: x and gate; x_proj: dt/B/C; out_proj) and the
@@ -94,10 +96,15 @@ class Recipe:
         if self.mode not in MODES:
             raise FinetuneError(f"recipe {self.name}: mode {self.mode!r} unknown; use lora or full")
         if self.stage not in STAGES:
-            raise FinetuneError(f"recipe {self.name}: stage {self.stage!r} unknown; use align, sft or multi")
-        if self.stage == "align" and self.mode == "lora":
+            raise FinetuneError(f"recipe {self.name}: stage {self.stage!r} unknown; use align, sft, multi or vision")
+        if self.stage in ("align", "vision") and self.mode == "lora":
             raise FinetuneError(
-                f"recipe {self.name}: stage 'align' trains only the projector, fully; set mode=full"
+                f"recipe {self.name}: stage {self.stage!r} trains one module fully; set mode=full"
+            )
+        if self.stage == "vision" and (self.gradient_checkpointing or self.deepspeed):
+            raise FinetuneError(
+                f"recipe {self.name}: stage 'vision' trains a small head on the vision tower without "
+                "gradient checkpointing or DeepSpeed; set gradient_checkpointing: false and deepspeed: null"
             )
         if not self.train_data:
             raise FinetuneError(f"recipe {self.name}: train_data is empty; give one or more .json/.jsonl files")
@@ -485,7 +492,6 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     """Train as the recipe says; returns the summary written to ``training_summary.json``."""
     import torch
 
-    from finetune import data
     from longllava.loading import load_model
 
     output_dir = Path(recipe.output_dir)
@@ -505,27 +511,15 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
 
         deepspeed.init_distributed()  # so zero.Init at load time sees the real world size (CPU ranks too)
     model, processor = load_model(base_path)
-    if args.deepspeed and (args.hf_deepspeed_config.is_zero3() if args.hf_deepspeed_config else False):
-        register_moe_leaf_modules(model)
-    model = prepare_model(recipe, model)
-    install_fast_scan_if_available()
-    dataset = build_train_dataset(recipe, processor, model, output_dir)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if _is_main_process():
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
-    trainer = _trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=data.Collator(int(pad_id)),
-        callbacks=[_loss_callback_class()(output_dir, f"{recipe.name} ({recipe.mode}, {recipe.stage})"),
-                   *callbacks],
-    )
+    run = _vision_run if recipe.stage == "vision" else _conversation_run
+    trainer, dataset, trained = run(recipe, model, processor, args, output_dir, callbacks)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
     _set_use_cache(model, True)  # the cache is off only while training; the saved model generates with it
     final_dir = output_dir / ("adapter" if recipe.mode == "lora" else "model")
-    trainer.save_model(str(final_dir))
+    if recipe.stage == "vision":
+        _save_vision_run(trainer, trained, dataset, model, final_dir)
+    else:
+        trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(final_dir))
         write_inference_defaults(final_dir, recipe.render)
@@ -535,14 +529,75 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     summary = {
         "recipe": recipe.name, "mode": recipe.mode, "stage": recipe.stage, "base_model": base_path,
         "saved_to": str(final_dir), "global_step": trainer.state.global_step,
-        "resumed_from": str(checkpoint) if resume else None, "train_samples": len(dataset.samples),
+        "resumed_from": str(checkpoint) if resume else None, "train_samples": len(getattr(dataset, "samples", dataset)),
         "train_examples_after_packing": len(dataset), "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None, "train_loss": result.training_loss,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad),
     }
     if trainer.is_world_process_zero():
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _write_resolved_recipe(recipe: Recipe, output_dir: Path) -> None:
+    if _is_main_process():
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+
+
+def _loss_logger(recipe: Recipe, output_dir: Path) -> Any:
+    return _loss_callback_class()(output_dir, f"{recipe.name} ({recipe.mode}, {recipe.stage})")
+
+
+def _conversation_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_dir: Path,
+                      callbacks: Sequence[Any]) -> tuple[Any, Any, Any]:
+    """Trainer over conversation records (stages align / sft / multi): (trainer, dataset, trained model)."""
+    from finetune import data
+
+    if args.deepspeed and (args.hf_deepspeed_config.is_zero3() if args.hf_deepspeed_config else False):
+        register_moe_leaf_modules(model)
+    model = prepare_model(recipe, model)
+    install_fast_scan_if_available()
+    dataset = build_train_dataset(recipe, processor, model, output_dir)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    _write_resolved_recipe(recipe, output_dir)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=dataset, data_collator=data.Collator(int(pad_id)),
+        callbacks=[_loss_logger(recipe, output_dir), *callbacks],
+    )
+    return trainer, dataset, model
+
+
+def _vision_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_dir: Path,
+                callbacks: Sequence[Any]) -> tuple[Any, Any, Any]:
+    """Trainer over labelled single images (stage vision): the model's vision tower under a linear
+    multi-label head (:mod:`finetune.vision`); everything else stays frozen."""
+    from finetune import vision
+
+    records = [r for path in recipe.train_data for r in vision.load_labelled_images(path, recipe.image_root)]
+    if not records:
+        raise FinetuneError(f"recipe {recipe.name}: the training files hold no records")
+    vocabulary = vision.label_vocabulary(records)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head = vision.vision_label_head(model, len(vocabulary), recipe.seed)
+    for parameter in head.parameters():
+        parameter.requires_grad_(True)
+    dataset = vision.LabelledImageDataset(records, vocabulary, processor.image_processor)
+    _write_resolved_recipe(recipe, output_dir)
+    trainer = _trainer_class()(model=head, args=args, train_dataset=dataset,
+                               callbacks=[_loss_logger(recipe, output_dir), *callbacks])
+    return trainer, dataset, head
+
+
+def _save_vision_run(trainer: Any, head: Any, dataset: Any, model: Any, final_dir: Path) -> None:
+    """The whole LongLLaVA model (its vision tower trained) in ``final_dir``, the head beside it."""
+    from finetune import vision
+
+    if trainer.is_world_process_zero():
+        final_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(final_dir))
+        vision.save_head(head, dataset.vocabulary, final_dir.parent)
 
 
 INFERENCE_DEFAULTS_FILE = "longllava_defaults.json"

@@ -1,0 +1,164 @@
+"""Stage ``vision``: pretrain the vision tower on labelled single images before any text stage.
+
+A vision tower trained from random weights learns far faster from a direct per-image loss than through
+a randomly initialised projector and LLM (the demo model's CT and satellite answers stayed blind after
+hours of text-only training; with a label head its slice features separate within minutes). This stage
+is that CLIP-pretraining substitute: the tower's pooled patch grid -- exactly the features the projector
+later receives -- feeds a linear multi-label head trained with binary cross-entropy; the head is
+discarded for the text stages (it is saved beside the model for measuring).
+
+Records (a JSON list or JSONL), one image each and the names of the labels that hold for it::
+
+    {"id": "ct_0001_s03", "images": ["slice.png"], "labels": ["ct lung nodule", "ct lung nodule left"]}
+
+The label vocabulary is the sorted set of names in the training files; an image with ``labels: []``
+is a negative for every label. Outputs: ``OUTPUT/model`` (the whole LongLLaVA model, only its vision
+tower changed), ``OUTPUT/vision_head.safetensors`` + ``OUTPUT/vision_labels.json`` (the head and its
+label order), plus the usual ``loss.csv``/``loss.png``, ``recipe.yaml`` and ``training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.data import DataError, processor_image_loader, read_json_records
+
+VISION_HEAD_FILE = "vision_head.safetensors"
+VISION_LABELS_FILE = "vision_labels.json"
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One image and the names of the labels that hold for it; ``where`` names file and line."""
+
+    id: str
+    image: Path
+    labels: tuple[str, ...]
+    where: str
+
+
+def parse_labelled_image(raw: dict, where: str, root: Path) -> LabelledImage:
+    images = raw.get("images", raw.get("image"))
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
+        raise DataError(f"{where}: a vision-stage record needs exactly one image path in 'images', got {images!r}")
+    labels = raw.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(name, str) and name for name in labels):
+        raise DataError(f"{where}: 'labels' must be a list of label names (an empty list for none), got {labels!r}")
+    path = Path(images[0]) if Path(images[0]).is_absolute() else root / images[0]
+    if not path.is_file():
+        raise DataError(f"{where}: image {path} does not exist; fix the path or the image_root")
+    return LabelledImage(str(raw.get("id", where)), path, tuple(labels), where)
+
+
+def load_labelled_images(path: str | Path, image_root: str | Path | None = None) -> list[LabelledImage]:
+    """The records of one vision-stage data file; relative image paths start at ``image_root``
+    (default: the file's folder)."""
+    root = Path(image_root) if image_root else Path(path).parent
+    return [parse_labelled_image(raw, where, root) for where, raw in read_json_records(path)]
+
+
+def label_vocabulary(records: Sequence[LabelledImage]) -> list[str]:
+    names = sorted({name for record in records for name in record.labels})
+    if not names:
+        raise DataError("the vision-stage records name no labels at all; every record has 'labels': []")
+    return names
+
+
+def multi_hot(labels: Sequence[str], vocabulary: Sequence[str]) -> torch.Tensor:
+    index = {name: i for i, name in enumerate(vocabulary)}
+    target = torch.zeros(len(vocabulary))
+    for name in labels:
+        if name not in index:
+            raise DataError(f"label {name!r} is not in the head's vocabulary ({len(vocabulary)} labels)")
+        target[index[name]] = 1.0
+    return target
+
+
+class LabelledImageDataset:
+    """Items ``{"pixel_values": (3, H, W), "labels": (n_labels,)}``; pixels are read per item."""
+
+    def __init__(self, records: Sequence[LabelledImage], vocabulary: Sequence[str], image_processor: Any) -> None:
+        self.records = list(records)
+        self.vocabulary = list(vocabulary)
+        self.load = processor_image_loader(image_processor)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        return {"pixel_values": self.load([record.image])[0], "labels": multi_hot(record.labels, self.vocabulary)}
+
+
+class VisionLabelHead(nn.Module):
+    """Vision tower -> the pooled patch grid the projector sees -> linear multi-label logits.
+
+    Holds the LongLLaVA model's own ``vision_tower`` module, so training this updates the model in place.
+    """
+
+    def __init__(self, vision_tower: nn.Module, feature_layer: int, pooled_grid: int, n_labels: int) -> None:
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.feature_layer = feature_layer
+        self.pooled_grid = pooled_grid
+        width = vision_tower.config.hidden_size
+        self.head = nn.Linear(pooled_grid * pooled_grid * width, n_labels)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) -> (n, pooled_grid**2 * width)."""
+        from longllava.modeling import pool_patch_grid
+
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        patches = hidden[self.feature_layer][:, 1:]  # drop CLS: (n, g*g, C)
+        return pool_patch_grid(patches, self.pooled_grid).flatten(1)  # (n, p*p, C) -> (n, p*p*C)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.head(self.features(pixel_values))
+        loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        return {"loss": loss, "logits": logits}
+
+
+def vision_label_head(model: Any, n_labels: int, seed: int) -> VisionLabelHead:
+    """A head over ``model``'s vision tower (seeded init of the new linear layer)."""
+    config = model.config
+    torch.manual_seed(seed)
+    return VisionLabelHead(model.model.vision_tower, config.vision_feature_layer, config.pooled_grid, n_labels)
+
+
+def save_head(head: VisionLabelHead, vocabulary: Sequence[str], output_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in head.head.state_dict().items()}, str(output_dir / VISION_HEAD_FILE))
+    (output_dir / VISION_LABELS_FILE).write_text(json.dumps(list(vocabulary), indent=1) + "\n")
+
+
+def load_head(model: Any, run_dir: str | Path) -> tuple[VisionLabelHead, list[str]]:
+    """The head a vision stage saved in ``run_dir``, over ``model``'s vision tower, and its labels."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    for name in (VISION_HEAD_FILE, VISION_LABELS_FILE):
+        if not (run_dir / name).is_file():
+            raise DataError(f"{run_dir / name} is missing: is {run_dir} the output_dir of a stage-'vision' run?")
+    vocabulary = json.loads((run_dir / VISION_LABELS_FILE).read_text())
+    head = vision_label_head(model, len(vocabulary), seed=0)
+    head.head.load_state_dict(load_file(str(run_dir / VISION_HEAD_FILE)))
+    return head.eval(), vocabulary
+
+
+@torch.no_grad()
+def label_probabilities(head: VisionLabelHead, records: Sequence[LabelledImage], image_processor: Any,
+                        batch_size: int = 64) -> torch.Tensor:
+    """(n_records, n_labels) sigmoid probabilities of the head on ``records``."""
+    load = processor_image_loader(image_processor)
+    chunks = [torch.sigmoid(head(load([r.image for r in records[i:i + batch_size]]))["logits"])
+              for i in range(0, len(records), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, head.head.out_features)

@@ -1,0 +1,81 @@
+"""Stage ``vision``: labelled single images train the vision tower (only) through a linear head."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune import FinetuneError
+from finetune.data import DataError
+from finetune.train import read_loss_csv, run_training
+from finetune.vision import label_probabilities, load_head, load_labelled_images, multi_hot
+from longllava.loading import load_model
+
+
+def write_labelled_shapes(folder: Path, n: int = 24, seed: int = 0) -> Path:
+    """``n`` grey noise images; those with a label carry a bright square in the left or right half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        pixels = rng.integers(90, 130, (56, 56, 3)).astype(np.uint8)
+        labels = []
+        if i % 3:
+            side = "left" if i % 3 == 1 else "right"
+            x0 = 6 if side == "left" else 34
+            pixels[20:36, x0:x0 + 16] = (250, 250, 40)
+            labels = ["square", f"square {side}"]
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.png")
+        records.append({"id": f"shape-{i}", "images": [f"img{i:02d}.png"], "labels": labels})
+    path = folder / "vision.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory, make_recipe):
+    data = write_labelled_shapes(tmp_path_factory.mktemp("shapes"))
+    out = tmp_path_factory.mktemp("vision") / "run"
+    recipe = make_recipe(data, out, mode="full", stage="vision", max_steps=24, save_steps=12, learning_rate=2e-3,
+                         per_device_train_batch_size=8, logging_steps=1)
+    return recipe, data, run_training(recipe)
+
+
+def test_vision_stage_trains_only_the_vision_tower_and_learns_the_labels(vision_run):
+    recipe, data, summary = vision_run
+    assert summary["stage"] == "vision" and summary["global_step"] == 24 and summary["train_samples"] == 24
+    model, processor = load_model(summary["saved_to"])
+    base, _ = load_model(summary["base_model"])
+    trained = dict(model.named_parameters())
+    changed = {n for n, p in base.named_parameters() if not torch.equal(p, trained[n])}
+    assert changed and all("vision_tower" in n for n in changed)
+    head, vocabulary = load_head(model, recipe.output_dir)
+    assert vocabulary == ["square", "square left", "square right"]
+    records = load_labelled_images(data)
+    probabilities = label_probabilities(head, records, processor.image_processor)
+    truth = torch.stack([multi_hot(r.labels, vocabulary) for r in records])
+    assert ((probabilities > 0.5) == truth.bool()).float().mean() > 0.9
+    rows = read_loss_csv(f"{recipe.output_dir}/loss.csv")
+    assert np.mean([r["loss"] for r in rows[-6:]]) < 0.5 * np.mean([r["loss"] for r in rows[:6]])
+
+
+def test_vision_stage_rejects_bad_records_and_settings(tmp_path, make_recipe):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "a", "images": ["missing.png"], "labels": ["x"]}]))
+    with pytest.raises(DataError, match="missing.png does not exist"):
+        load_labelled_images(bad)
+    bad.write_text(json.dumps([{"id": "a", "images": ["x.png", "y.png"], "labels": ["x"]}]))
+    with pytest.raises(DataError, match="exactly one image"):
+        load_labelled_images(bad)
+    bad.write_text(json.dumps([{"id": "a", "images": ["x.png"], "labels": "x"}]))
+    with pytest.raises(DataError, match="list of label names"):
+        load_labelled_images(bad)
+    with pytest.raises(FinetuneError, match="set mode=full"):
+        make_recipe(bad, tmp_path / "out", mode="lora", stage="vision")
+    with pytest.raises(FinetuneError, match="gradient_checkpointing: false"):
+        make_recipe(bad, tmp_path / "out", mode="full", stage="vision", gradient_checkpointing=True)

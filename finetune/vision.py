@@ -3,9 +3,10 @@
 A vision tower trained from random weights learns far faster from a direct per-image loss than through
 a randomly initialised projector and LLM (the demo model's CT and satellite answers stayed blind after
 hours of text-only training; with a label head its slice features separate within minutes). This stage
-is that CLIP-pretraining substitute: the tower's pooled patch grid -- exactly the features the projector
-later receives -- feeds a linear multi-label head trained with binary cross-entropy; the head is
-discarded for the text stages (it is saved beside the model for measuring).
+is that CLIP-pretraining substitute: every token of the tower's pooled patch grid -- exactly the features
+the projector later receives -- goes through one shared linear map to label logits, pooled over the grid
+(:class:`VisionLabelHead`) and trained with binary cross-entropy; the head is discarded for the text
+stages (it is saved beside the model for measuring).
 
 Records (a JSON list or JSONL), one image each and the names of the labels that hold for it::
 
@@ -20,6 +21,7 @@ label order), plus the usual ``loss.csv``/``loss.png``, ``recipe.yaml`` and ``tr
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,9 +101,15 @@ class LabelledImageDataset:
 
 
 class VisionLabelHead(nn.Module):
-    """Vision tower -> the pooled patch grid the projector sees -> linear multi-label logits.
+    """Vision tower -> the pooled patch grid the projector sees -> one linear map per token -> logits
+    pooled over the grid (log-mean-exp: a soft maximum).
 
-    Holds the LongLLaVA model's own ``vision_tower`` module, so training this updates the model in place.
+    The same linear map for every token, not one weight per grid position: each image token must carry
+    the evidence it sees (a nodule, "fluid on the left") by itself, wherever it sits, because the
+    language model that later reads these tokens finds them by content (Jamba's attention layers have no
+    position encoding). A head over the flattened grid read the demo's slices just as well but left
+    features the language model did not learn to read. Holds the LongLLaVA model's own
+    ``vision_tower`` module, so training this updates the model in place.
     """
 
     def __init__(self, vision_tower: nn.Module, feature_layer: int, pooled_grid: int, n_labels: int) -> None:
@@ -109,19 +117,23 @@ class VisionLabelHead(nn.Module):
         self.vision_tower = vision_tower
         self.feature_layer = feature_layer
         self.pooled_grid = pooled_grid
-        width = vision_tower.config.hidden_size
-        self.head = nn.Linear(pooled_grid * pooled_grid * width, n_labels)
+        self.head = nn.Linear(vision_tower.config.hidden_size, n_labels)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) -> (n, pooled_grid**2 * width)."""
+        """(n, 3, H, W) -> pooled token features (n, pooled_grid**2, width)."""
         from longllava.modeling import pool_patch_grid
 
         hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
         patches = hidden[self.feature_layer][:, 1:]  # drop CLS: (n, g*g, C)
-        return pool_patch_grid(patches, self.pooled_grid).flatten(1)  # (n, p*p, C) -> (n, p*p*C)
+        return pool_patch_grid(patches, self.pooled_grid)
+
+    def token_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) -> per-token label logits (n, pooled_grid**2, n_labels)."""
+        return self.head(self.features(pixel_values))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        logits = self.head(self.features(pixel_values))
+        per_token = self.token_logits(pixel_values)  # (n, t, L)
+        logits = torch.logsumexp(per_token, dim=1) - math.log(per_token.shape[1])  # (n, L)
         loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
         return {"loss": loss, "logits": logits}
 

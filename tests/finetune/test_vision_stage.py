@@ -61,7 +61,7 @@ def test_vision_stage_trains_only_the_vision_tower_and_learns_the_labels(vision_
     truth = torch.stack([multi_hot(r.labels, vocabulary) for r in records])
     assert ((probabilities > 0.5) == truth.bool()).float().mean() > 0.9
     rows = read_loss_csv(f"{recipe.output_dir}/loss.csv")
-    assert np.mean([r["loss"] for r in rows[-6:]]) < 0.5 * np.mean([r["loss"] for r in rows[:6]])
+    assert np.mean([r["loss"] for r in rows[-6:]]) < 0.7 * np.mean([r["loss"] for r in rows[:6]])
 
 
 def test_vision_stage_rejects_bad_records_and_settings(tmp_path, make_recipe):

@@ -39,7 +39,7 @@ demo: setup
 demo-model: setup
 	$(PY) -m finetune.demo_data --out build/synthetic --seed 0
 	$(PY) -c "from finetune.demo_data import build_heldout_subset as b; b('build/heldout20', 20, 20)"
-	$(VENV)/bin/longllava finetune demo_warmup_niah
+	$(VENV)/bin/longllava finetune demo_vision
 	$(VENV)/bin/longllava finetune demo_warmup
 	$(VENV)/bin/longllava finetune demo
 	$(PY) -m finetune.demo_scores --model build/demo_run/model --data build/heldout20 --out build/demo_eval \

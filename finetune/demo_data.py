@@ -16,9 +16,10 @@ and the held-out sets its model card is scored on:
   :func:`write_shuffled_records`): every study's / scene's conversation three times, its questions in a
   seeded shuffled order each time. Evaluation asks every question alone, straight after the images; a
   fixed order would teach the model that the first answer after the images is always the same question's.
-* ``single_train.json`` (the vision warm-up, :func:`write_single_image_records`): one image per record
+* ``single_train.json`` (stage 2, :func:`write_single_image_records`): one image per record
   (a CT slice, a satellite tile, a NIAH needle or haystack image) with an answer only its pixels give,
-  and ``single_niah_train.json``, its NIAH records alone (the first warm-up stage). It renders the CT
+  and ``vision_train.json``, the same images with the answers as label names (stage 1, the vision
+  tower's pretraining, :func:`vision_records`). It renders the CT
   studies and scenes into the training image cache (:data:`DEMO_CACHE_DIR`).
 
 Same arguments -> the same files (every draw is seeded).
@@ -254,12 +255,54 @@ def single_image_records(out_dir: str | Path, cache_dir: str | Path, render: dic
     return [pieces[i] for i in order]
 
 
+def _slice_labels(answer: str) -> list[str]:
+    labels = []
+    for item in filter(None, answer.split(", ")) if answer != "none" else ():
+        name, _, side = item.partition(" (")
+        labels.append(f"ct {name}")
+        side = side.rstrip(")")
+        labels += [f"ct {name} {s}" for s in (("left", "right") if side == "both" else (side,) if side else ())]
+    return labels
+
+
+def _tile_labels(answer: str) -> list[str]:
+    labels = []
+    for item in answer.split(", "):
+        plural, _, count = item.rpartition(" ")
+        labels += [f"tile {plural} >= {k}" for k in range(1, int(count) + 1)]
+    return labels
+
+
+def _needle_labels(answer: str) -> list[str]:
+    if answer == "none":
+        return []
+    colour, shape = answer.split(" ")
+    return ["niah needle", f"niah colour {colour}", f"niah shape {shape}"]
+
+
+VISION_LABELLERS = {SLICE_QUESTION: _slice_labels, TILE_QUESTION: _tile_labels, NEEDLE_QUESTION: _needle_labels}
+
+
+def vision_records(single_records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The vision stage's records (:mod:`finetune.vision`) from :func:`single_image_records`: each
+    answer as label names. A CT slice: ``ct <finding>`` and ``ct <finding> left|right`` (both sides:
+    both); a tile: ``tile <objects> >= k`` for k = 1..count (counts as ordinal labels); a NIAH image:
+    ``niah needle``, ``niah colour <c>``, ``niah shape <s>`` (a haystack image: none)."""
+    out = []
+    for record in single_records:
+        question, answer = (turn["value"] for turn in record["conversations"])
+        labeller = VISION_LABELLERS.get(question)
+        if labeller is None:
+            raise DemoDataError(f"{record['id']}: no vision labels for the question {question!r}")
+        out.append({"id": record["id"], "images": record["images"], "labels": labeller(answer)})
+    return out
+
+
 def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0) -> Path:
-    """``single_train.json`` in ``out_dir`` (:func:`single_image_records`) and ``single_niah_train.json``,
-    its NIAH records alone (same order): the first warm-up stage. Returns the first."""
+    """``single_train.json`` in ``out_dir`` (:func:`single_image_records`; stage 2) and ``vision_train.json``,
+    the same images with label names (:func:`vision_records`; stage 1). Returns the first."""
     records = single_image_records(out_dir, cache_dir, seed=seed)
-    niah = [r for r in records if r["id"].startswith("niah_")]
-    (Path(out_dir) / "single_niah_train.json").write_text(json.dumps(niah, indent=1) + "\n")
+    (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision_records(records), indent=1) + "\n")
     target = Path(out_dir) / "single_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")
     return target

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.vision import VISION_HEAD_FILE, VISION_LABELS_FILE
+
 NIAH_SPECS = {
     "niah100": "synthetic:n_images=100;depths=0,0.25,0.5,0.75,1;seed=1;size=112;repeats=4",
     "niah1000": "synthetic:n_images=1000;depths=0,0.5,1;seed=1;size=112;repeats=1",
@@ -152,7 +154,7 @@ def earlier_stages(run_dir: str | Path) -> list[Path]:
 
 def export_checkpoint(run_dir: str | Path, eval_dir: str | Path, dest: str | Path) -> Path:
     """Copy a finished demo run's model (+ recipe, loss curve, summary; ``stageN_recipe.yaml`` /
-    ``stageN_loss.csv`` of the runs it was started from) to ``dest`` with ``eval_scores.json`` (full
+    ``stageN_loss.csv`` of the runs it was started from, and a vision stage's head) to ``dest`` with ``eval_scores.json`` (full
     held-out figures with baselines, and the CI subset's expected answers)."""
     import shutil
 
@@ -164,7 +166,9 @@ def export_checkpoint(run_dir: str | Path, eval_dir: str | Path, dest: str | Pat
     for source, target in RUN_FILES.items():
         shutil.copyfile(run / source, out / target)
     for number, stage in enumerate(earlier_stages(run), start=1):
-        for source in ("recipe.yaml", "loss.csv"):
+        for source in ("recipe.yaml", "loss.csv", VISION_HEAD_FILE, VISION_LABELS_FILE):
+            if source.startswith("vision_") and not (stage / source).is_file():
+                continue  # only a stage-'vision' run has a head
             shutil.copyfile(stage / source, out / f"stage{number}_{source}")
     full = json.loads((evals / "scores.json").read_text())
     counts = json.loads((Path(full["ct"]["data"]).parent / "manifest.json").read_text())["counts"]

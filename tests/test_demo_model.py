@@ -26,6 +26,7 @@ from finetune.demo_data import (
     slice_findings_answer,
     split_per_question,
     tile_counts_answer,
+    vision_records,
     write_shuffled_records,
     write_single_image_records,
 )
@@ -57,18 +58,19 @@ def test_demo_resolves_to_the_bundled_folder_with_its_card():
     assert "synthetic" in card.lower() and "python -m finetune.demo_data" in card and "longllava finetune demo" in card
 
 
-# keys that name and place a run, not what it trains: the warm-up runs were started from the
-# demo_warmup recipe with command-line overrides and other output folders (see the model card)
+# keys that name and place a run, not what it trains
 RUN_LABEL_KEYS = {"name", "description", "output_dir", "base_model"}
 
 
 def test_committed_checkpoint_matches_the_recipes():
-    """Three stages: demo_warmup_niah from the seeded preset, demo_warmup from its model, demo from that."""
-    first, warmup, recipe = (load_recipe(name) for name in ("demo_warmup_niah", "demo_warmup", "demo"))
+    """Three stages: demo_vision from the seeded preset, demo_warmup from its model, demo from that."""
+    first, warmup, recipe = (load_recipe(name) for name in ("demo_vision", "demo_warmup", "demo"))
     assert first.base_model.startswith("preset:") and first.mode == warmup.mode == recipe.mode == "full"
+    assert (first.stage, warmup.stage, recipe.stage) == ("vision", "sft", "sft")
+    assert not warmup.train_vision_tower and not recipe.train_vision_tower
     assert warmup.base_model == f"{first.output_dir}/model" and recipe.base_model == f"{warmup.output_dir}/model"
     assert first.render == warmup.render == recipe.render == DEMO_RENDER
-    assert first.image_cache_dir == warmup.image_cache_dir == recipe.image_cache_dir  # one render cache
+    assert warmup.image_cache_dir == recipe.image_cache_dir  # one render cache (stage 1 reads its PNGs)
     preset = LongLlavaConfig.from_preset(first.base_model.split(":", 1)[1])
     saved = LongLlavaConfig.from_pretrained(DEMO_DIR)
     assert saved.pooled_grid == preset.pooled_grid
@@ -81,9 +83,7 @@ def test_committed_checkpoint_matches_the_recipes():
     # the recipes that trained the checkpoint (copied from the runs) are the bundled ones, key for key
     assert yaml.safe_load((DEMO_DIR / "training_recipe.yaml").read_text()) == asdict(recipe)
     for stage, file in ((first, "stage1_recipe.yaml"), (warmup, "stage2_recipe.yaml")):
-        ran = yaml.safe_load((DEMO_DIR / file).read_text())
-        assert {k: v for k, v in ran.items() if k not in RUN_LABEL_KEYS} == {
-            k: v for k, v in asdict(stage).items() if k not in RUN_LABEL_KEYS}, file
+        assert yaml.safe_load((DEMO_DIR / file).read_text()) == asdict(stage), file
     defaults = json.loads((DEMO_DIR / INFERENCE_DEFAULTS_FILE).read_text())
     assert defaults == {"render": recipe.render}
 
@@ -208,6 +208,30 @@ def test_single_image_records_label_every_slice_tile_and_needle(tiny_build, tmp_
     assert all(Path(r["images"][0]).is_absolute() and Path(r["images"][0]).is_file() for r in records)
 
 
+def test_vision_records_turn_every_answer_into_label_names():
+    def single(question, answer):
+        return {"id": "x", "images": ["/a.png"], "conversations": [{"value": question}, {"value": answer}]}
+
+    records = vision_records([
+        single(SLICE_QUESTION, "lung nodule (both), cardiomegaly, emphysema (left)"),
+        single(SLICE_QUESTION, "none"),
+        single(TILE_QUESTION, "ships 2, storage tanks 0, buildings 1"),
+        single(NEEDLE_QUESTION, "red square"),
+        single(NEEDLE_QUESTION, "none"),
+    ])
+    assert [r["labels"] for r in records] == [
+        ["ct lung nodule", "ct lung nodule left", "ct lung nodule right", "ct cardiomegaly", "ct emphysema",
+         "ct emphysema left"],
+        [],
+        ["tile ships >= 1", "tile ships >= 2", "tile buildings >= 1"],
+        ["niah needle", "niah colour red", "niah shape square"],
+        [],
+    ]
+    assert all(r["images"] == ["/a.png"] for r in records)
+    with pytest.raises(DemoDataError, match="no vision labels"):
+        vision_records([single("What is this?", "a cat")])
+
+
 def test_demo_recipes_train_a_few_steps_in_three_stages(tiny_build, tmp_path):
     from finetune.train import run_training
 
@@ -216,7 +240,7 @@ def test_demo_recipes_train_a_few_steps_in_three_stages(tiny_build, tmp_path):
     whole = [str(p) for p in write_shuffled_records(tiny_build)] + [str(tiny_build / "niah_train.json")]
     common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000"]
     base = None
-    for name, files, extra in (("demo_warmup_niah", [tiny_build / "single_niah_train.json"], ["per_device_train_batch_size=2"]),
+    for name, files, extra in (("demo_vision", [tiny_build / "vision_train.json"], ["per_device_train_batch_size=4"]),
                                ("demo_warmup", [single], ["per_device_train_batch_size=4"]),
                                ("demo", whole, [])):
         overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}", *common, *extra]

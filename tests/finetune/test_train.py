@@ -151,9 +151,9 @@ def test_stages_choose_trainable_parameters(tiny_base):
 
 def test_recipes_parse_and_overrides_apply(tmp_path):
     names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-    assert names == ["ct_rate_lora", "demo", "demo_warmup", "demo_warmup_niah", "pubmedvision_full",
+    assert names == ["ct_rate_lora", "demo", "demo_vision", "demo_warmup", "pubmedvision_full",
                      "pubmedvision_lora", "skysense_lora"]
-    warmup_ratios = {"demo_warmup": 0.05, "demo_warmup_niah": 0.05}  # the demo's single-image stages, as they ran
+    warmup_ratios = {"demo_warmup": 0.05}  # the demo's single-image text stage, as it ran
     for name in names:
         recipe = load_recipe(name)
         assert recipe.lr_scheduler_type == "cosine" and recipe.warmup_ratio == warmup_ratios.get(name, 0.03)
@@ -162,7 +162,7 @@ def test_recipes_parse_and_overrides_apply(tmp_path):
                                                                                         False)
     with pytest.raises(FinetuneError, match="unknown keys \\['lr'\\]"):
         load_recipe("demo", ["lr=1"])
-    with pytest.raises(FinetuneError, match="stage 'align' trains only the projector"):
+    with pytest.raises(FinetuneError, match="stage 'align' trains one module fully"):
         load_recipe("pubmedvision_lora", ["stage=align"])
     with pytest.raises(FinetuneError, match="unknown recipe 'nope'"):
         load_recipe("nope")

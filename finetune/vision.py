@@ -121,11 +121,10 @@ class VisionLabelHead(nn.Module):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) -> pooled token features (n, pooled_grid**2, width)."""
-        from longllava.modeling import pool_patch_grid
+        from longllava.modeling import pooled_patch_features
 
         hidden = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-        patches = hidden[self.feature_layer][:, 1:]  # drop CLS: (n, g*g, C)
-        return pool_patch_grid(patches, self.pooled_grid)
+        return pooled_patch_features(hidden, self.feature_layer, self.pooled_grid)
 
     def token_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) -> per-token label logits (n, pooled_grid**2, n_labels)."""

@@ -22,6 +22,8 @@ Pre-encoded images (streaming encoders) can be passed to ``forward`` as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +58,13 @@ def pool_patch_grid(patch_features: torch.Tensor, pooled_grid: int) -> torch.Ten
     return pooled.flatten(2).transpose(1, 2).contiguous()
 
 
+def pooled_patch_features(hidden_states: Sequence[torch.Tensor], feature_layer: int, pooled_grid: int) -> torch.Tensor:
+    """The features the projector receives: the vision tower's ``feature_layer`` hidden states without
+    the CLS token, 2D-pooled: (n, pooled_grid**2, C)."""
+    patch_features = hidden_states[feature_layer][:, 1:]  # drop CLS: (n, g*g, C)
+    return pool_patch_grid(patch_features, pooled_grid)
+
+
 class LongLlavaModel(LlavaModel):
     """LLaVA body with LongLLaVA's pooled image features (see module docstring)."""
 
@@ -77,8 +86,8 @@ class LongLlavaModel(LlavaModel):
         if image_sizes is not None:
             raise ModelInputError("LongLLaVA resizes every image to the CLIP input size: image_sizes is not used")
         image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        patch_features = image_outputs.hidden_states[vision_feature_layer][:, 1:]  # drop CLS: (n, g*g, Cv)
-        pooled = pool_patch_grid(patch_features, self.config.pooled_grid)  # (n, p*p, Cv)
+        pooled = pooled_patch_features(image_outputs.hidden_states, vision_feature_layer,
+                                       self.config.pooled_grid)  # (n, p*p, Cv)
         projected = self.multi_modal_projector(pooled)  # (n, p*p, Ct)
         image_outputs.pooler_output = projected.unbind(0)  # n x (p*p, Ct), as LlavaModel.forward expects
         return image_outputs

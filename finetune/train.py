@@ -24,7 +24,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,8 @@ class Recipe:
     image_cache_dir: str | None = None  # default OUTPUT/image_cache
     render: dict = field(default_factory=dict)  # CT / raster options for records that set none
     train_vision_tower: bool = False  # the paper keeps CLIP frozen; a model trained from scratch may not
+    projector_init_head: str | None = None  # a stage-'vision' output_dir: its label head seeds the projector
+    projector_init_scale: float = 0.25
     max_length: int = 4096
     pack: bool = True
     learning_rate: float = 1e-5
@@ -105,6 +107,12 @@ class Recipe:
             raise FinetuneError(
                 f"recipe {self.name}: stage 'vision' trains a small head on the vision tower without "
                 "gradient checkpointing or DeepSpeed; set gradient_checkpointing: false and deepspeed: null"
+            )
+        if self.projector_init_head and (self.stage == "vision" or self.mode != "full"):
+            raise FinetuneError(
+                f"recipe {self.name}: projector_init_head seeds the projector of a full fine-tune of a text "
+                "stage (a LoRA adapter is saved against the unchanged base); set mode: full and stage sft, "
+                "align or multi, or drop projector_init_head"
             )
         if not self.train_data:
             raise FinetuneError(f"recipe {self.name}: train_data is empty; give one or more .json/.jsonl files")
@@ -511,15 +519,16 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
 
         deepspeed.init_distributed()  # so zero.Init at load time sees the real world size (CPU ranks too)
     model, processor = load_model(base_path)
+    if recipe.projector_init_head and not resume:
+        from finetune.vision import init_projector_from_head
+
+        init_projector_from_head(model, recipe.projector_init_head, recipe.projector_init_scale)
     run = _vision_run if recipe.stage == "vision" else _conversation_run
-    trainer, dataset, trained = run(recipe, model, processor, args, output_dir, callbacks)
+    trainer, dataset, trained, save = run(recipe, model, processor, args, output_dir, callbacks)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
     _set_use_cache(model, True)  # the cache is off only while training; the saved model generates with it
     final_dir = output_dir / ("adapter" if recipe.mode == "lora" else "model")
-    if recipe.stage == "vision":
-        _save_vision_run(trainer, trained, dataset, model, final_dir)
-    else:
-        trainer.save_model(str(final_dir))
+    save(final_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(final_dir))
         write_inference_defaults(final_dir, recipe.render)
@@ -549,8 +558,9 @@ def _loss_logger(recipe: Recipe, output_dir: Path) -> Any:
 
 
 def _conversation_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_dir: Path,
-                      callbacks: Sequence[Any]) -> tuple[Any, Any, Any]:
-    """Trainer over conversation records (stages align / sft / multi): (trainer, dataset, trained model)."""
+                      callbacks: Sequence[Any]) -> tuple[Any, Any, Any, Callable[[Path], None]]:
+    """Trainer over conversation records (stages align / sft / multi): (trainer, dataset, trained model,
+    saver of the final model or adapter)."""
     from finetune import data
 
     if args.deepspeed and (args.hf_deepspeed_config.is_zero3() if args.hf_deepspeed_config else False):
@@ -565,13 +575,14 @@ def _conversation_run(recipe: Recipe, model: Any, processor: Any, args: Any, out
         model=model, args=args, train_dataset=dataset, data_collator=data.Collator(int(pad_id)),
         callbacks=[_loss_logger(recipe, output_dir), *callbacks],
     )
-    return trainer, dataset, model
+    return trainer, dataset, model, lambda final_dir: trainer.save_model(str(final_dir))
 
 
 def _vision_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_dir: Path,
-                callbacks: Sequence[Any]) -> tuple[Any, Any, Any]:
+                callbacks: Sequence[Any]) -> tuple[Any, Any, Any, Callable[[Path], None]]:
     """Trainer over labelled single images (stage vision): the model's vision tower under a linear
-    multi-label head (:mod:`finetune.vision`); everything else stays frozen."""
+    multi-label head (:mod:`finetune.vision`); everything else stays frozen. Its saver writes the whole
+    LongLLaVA model (tower trained) to the final folder and the head beside it."""
     from finetune import vision
 
     records = [r for path in recipe.train_data for r in vision.load_labelled_images(path, recipe.image_root)]
@@ -587,17 +598,14 @@ def _vision_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_di
     _write_resolved_recipe(recipe, output_dir)
     trainer = _trainer_class()(model=head, args=args, train_dataset=dataset,
                                callbacks=[_loss_logger(recipe, output_dir), *callbacks])
-    return trainer, dataset, head
 
+    def save(final_dir: Path) -> None:
+        if trainer.is_world_process_zero():
+            final_dir.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(str(final_dir))
+            vision.save_head(head, vocabulary, final_dir.parent)
 
-def _save_vision_run(trainer: Any, head: Any, dataset: Any, model: Any, final_dir: Path) -> None:
-    """The whole LongLLaVA model (its vision tower trained) in ``final_dir``, the head beside it."""
-    from finetune import vision
-
-    if trainer.is_world_process_zero():
-        final_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(final_dir))
-        vision.save_head(head, dataset.vocabulary, final_dir.parent)
+    return trainer, dataset, head, save
 
 
 INFERENCE_DEFAULTS_FILE = "longllava_defaults.json"

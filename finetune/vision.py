@@ -160,7 +160,8 @@ def load_head(model: Any, run_dir: str | Path) -> tuple[VisionLabelHead, list[st
         if not (run_dir / name).is_file():
             raise DataError(f"{run_dir / name} is missing: is {run_dir} the output_dir of a stage-'vision' run?")
     vocabulary = json.loads((run_dir / VISION_LABELS_FILE).read_text())
-    head = vision_label_head(model, len(vocabulary), seed=0)
+    with torch.random.fork_rng():  # the throwaway init must not reseed the caller's run
+        head = vision_label_head(model, len(vocabulary), seed=0)
     head.head.load_state_dict(load_file(str(run_dir / VISION_HEAD_FILE)))
     return head.eval(), vocabulary
 
@@ -173,3 +174,26 @@ def label_probabilities(head: VisionLabelHead, records: Sequence[LabelledImage],
     chunks = [torch.sigmoid(head(load([r.image for r in records[i:i + batch_size]]))["logits"])
               for i in range(0, len(records), batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0, head.head.out_features)
+
+
+def init_projector_from_head(model: Any, run_dir: str | Path, scale: float) -> list[str]:
+    """Write a vision stage's label head into the first rows of the projector's first layer.
+
+    Row ``i`` of ``multi_modal_projector.linear_1`` becomes ``scale`` times the head's map for label
+    ``i`` (weight and bias), so every image token enters the language model with its label evidence as
+    clean coordinates of the projector's hidden layer (GELU keeps the positive evidence, damps the rest);
+    the other rows keep their values. Returns the label names in row order. Full fine-tuning only: a LoRA
+    adapter is saved against the unchanged base model.
+    """
+    head, vocabulary = load_head(model, run_dir)
+    first = model.model.multi_modal_projector.linear_1
+    if first.in_features != head.head.in_features or first.out_features < len(vocabulary):
+        raise DataError(
+            f"{Path(run_dir) / VISION_HEAD_FILE}: a head from {head.head.in_features} features to "
+            f"{len(vocabulary)} labels does not fit the projector's first layer ({first.in_features} -> "
+            f"{first.out_features}); use the vision stage run of this model's preset"
+        )
+    with torch.no_grad():
+        first.weight[: len(vocabulary)] = scale * head.head.weight
+        first.bias[: len(vocabulary)] = scale * head.head.bias
+    return vocabulary

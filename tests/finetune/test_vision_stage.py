@@ -13,7 +13,13 @@ from PIL import Image
 from finetune import FinetuneError
 from finetune.data import DataError
 from finetune.train import read_loss_csv, run_training
-from finetune.vision import label_probabilities, load_head, load_labelled_images, multi_hot
+from finetune.vision import (
+    init_projector_from_head,
+    label_probabilities,
+    load_head,
+    load_labelled_images,
+    multi_hot,
+)
 from longllava.loading import load_model
 
 
@@ -79,3 +85,34 @@ def test_vision_stage_rejects_bad_records_and_settings(tmp_path, make_recipe):
         make_recipe(bad, tmp_path / "out", mode="lora", stage="vision")
     with pytest.raises(FinetuneError, match="gradient_checkpointing: false"):
         make_recipe(bad, tmp_path / "out", mode="full", stage="vision", gradient_checkpointing=True)
+
+
+def test_projector_init_head_writes_the_label_maps_into_the_projector(vision_run, colour_set, tmp_path, make_recipe):
+    recipe, data, summary = vision_run
+    sft = make_recipe(colour_set, tmp_path / "sft", base_model=summary["saved_to"], mode="full", stage="sft",
+                      projector_init_head=recipe.output_dir, projector_init_scale=0.5, max_steps=1,
+                      learning_rate=1e-12, save_steps=1)
+    model, processor = load_model(run_training(sft)["saved_to"])
+    head, vocabulary = load_head(model, recipe.output_dir)
+    first = model.model.multi_modal_projector.linear_1
+    torch.testing.assert_close(first.weight[:3], 0.5 * head.head.weight, atol=1e-6, rtol=0)
+    base, _ = load_model(summary["saved_to"])
+    torch.testing.assert_close(first.weight[3:], base.model.multi_modal_projector.linear_1.weight[3:], atol=1e-6, rtol=0)
+    # each image token's first hidden units are its label logits, scaled
+    pixels = processor.image_processor([Image.open(r.image) for r in load_labelled_images(data)[:4]],
+                                       return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = first(head.features(pixels))[..., :3]
+        torch.testing.assert_close(hidden, 0.5 * head.token_logits(pixels), atol=1e-4, rtol=1e-4)
+
+
+def test_projector_init_head_needs_a_full_text_stage_and_a_vision_run(vision_run, colour_set, tmp_path, make_recipe):
+    recipe, _, summary = vision_run
+    with pytest.raises(FinetuneError, match="set mode: full and stage sft"):
+        make_recipe(colour_set, tmp_path / "a", mode="lora", projector_init_head=recipe.output_dir)
+    with pytest.raises(FinetuneError, match="set mode: full and stage sft"):
+        make_recipe(colour_set, tmp_path / "b", mode="full", stage="vision", projector_init_head=recipe.output_dir,
+                    gradient_checkpointing=False)
+    model, _ = load_model(summary["saved_to"])
+    with pytest.raises(DataError, match="vision_head.safetensors is missing"):
+        init_projector_from_head(model, tmp_path, 0.25)

@@ -16,6 +16,9 @@ and the held-out sets its model card is scored on:
   :func:`write_shuffled_records`): every study's / scene's conversation three times, its questions in a
   seeded shuffled order each time. Evaluation asks every question alone, straight after the images; a
   fixed order would teach the model that the first answer after the images is always the same question's.
+  The shuffle keeps presence and count questions before those that name a present finding or object
+  (side, slices, row, column, tile) and the report last (:func:`question_order_group`), so no answer
+  can be copied from an earlier turn.
 * ``single_train.json`` (stage 2, :func:`write_single_image_records`): one image per record
   (a CT slice, a satellite tile, a NIAH needle or haystack image) with an answer only its pixels give,
   and ``vision_train.json``, the same images with the answers as label names (stage 1, the vision
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,19 +106,40 @@ def _built_file(out_dir: str | Path, name: str) -> Path:
 # Whole-study stage: each conversation several times, its questions in a seeded shuffled order
 
 
+# Order groups of a study's / scene's questions (domain_data.synthetic.qa's templates): 0 = asked of every
+# study or scene (presence, counts); 1 = asked only when the finding or object is there, so the question
+# itself answers its presence question (side, slices, row, column, tile); 2 = the report, which states
+# every answer. Within a conversation a group never precedes a lower one.
+_CONDITIONAL_QUESTION = re.compile(r"^(on )?which (side|slices|row|column|tile)\b", re.IGNORECASE)
+REPORT_ANSWER_PREFIX = "Findings:"
+
+
+def question_order_group(question: str, answer: str) -> int:
+    """0, 1 or 2 (see above): where a question may sit in a shuffled conversation."""
+    if answer.startswith(REPORT_ANSWER_PREFIX):
+        return 2
+    return 1 if _CONDITIONAL_QUESTION.match(question.removeprefix(f"{IMAGE_TAG}\n")) else 0
+
+
 def shuffled_conversations(record: dict[str, Any], index: int, copies: int = SHUFFLED_COPIES,
                            seed: int = 0) -> list[dict[str, Any]]:
     """``copies`` versions of one record, each with its (question, answer) pairs in a seeded order.
 
     One pass over a study's images then supervises all of its answers, and no answer sits at a fixed
-    position after the images (evaluation asks each question alone). The image tag goes in front of
-    whichever question comes first. ids become ``ID_cNN``; ``index`` is the record's place in its file."""
+    position after the images (evaluation asks each question alone). The order is shuffled within
+    :func:`question_order_group` groups, group by group, so that no answer can be read off an earlier
+    turn instead of the images ("On which side is the pleural effusion?" or the report before "Is there
+    a pleural effusion?" taught the model to say Yes only to findings the conversation had named). The
+    image tag goes in front of whichever question comes first. ids become ``ID_cNN``; ``index`` is the
+    record's place in its file."""
     pairs = [(piece["conversations"][0]["value"], piece["conversations"][1]) for piece in split_per_question(record)]
     tag = f"{IMAGE_TAG}\n" if pairs and pairs[0][0].startswith(IMAGE_TAG) else ""
     questions = [(question.removeprefix(f"{IMAGE_TAG}\n"), answer) for question, answer in pairs]
+    groups = [question_order_group(question, answer["value"]) for question, answer in questions]
     versions = []
     for copy in range(copies):
-        order = np.random.default_rng([seed, 11, index, copy]).permutation(len(questions))
+        shuffle = np.random.default_rng([seed, 11, index, copy]).permutation(len(questions))
+        order = sorted(shuffle, key=lambda pair: groups[pair])  # stable: shuffled within each group
         turns: list[dict[str, Any]] = []
         for position, pair in enumerate(order):
             question, answer = questions[pair]

@@ -20,6 +20,7 @@ from finetune.demo_data import (
     DemoDataError,
     build_heldout_subset,
     build_niah_train,
+    question_order_group,
     shuffled_conversations,
     shuffled_records,
     single_image_records,
@@ -32,7 +33,7 @@ from finetune.demo_data import (
 )
 from finetune.demo_scores import CARD_ROWS, card_tables, earlier_stages, evaluation_plan
 from finetune.evaluate import METRICS, read_predictions
-from finetune.train import INFERENCE_DEFAULTS_FILE, load_recipe
+from finetune.train import INFERENCE_DEFAULTS_FILE, Recipe, load_recipe
 from longllava.config import LongLlavaConfig
 from longllava.loading import DEMO_DIR, load_model, resolve_model_dir
 
@@ -69,6 +70,7 @@ def test_committed_checkpoint_matches_the_recipes():
     assert (first.stage, warmup.stage, recipe.stage) == ("vision", "sft", "sft")
     assert not warmup.train_vision_tower and not recipe.train_vision_tower
     assert warmup.base_model == f"{first.output_dir}/model" and recipe.base_model == f"{warmup.output_dir}/model"
+    assert warmup.projector_init_head == first.output_dir and not recipe.projector_init_head  # stage 1's head
     assert first.render == warmup.render == recipe.render == DEMO_RENDER
     assert warmup.image_cache_dir == recipe.image_cache_dir  # one render cache (stage 1 reads its PNGs)
     preset = LongLlavaConfig.from_preset(first.base_model.split(":", 1)[1])
@@ -82,8 +84,11 @@ def test_committed_checkpoint_matches_the_recipes():
     assert saved_text == preset_text
     # the recipes that trained the checkpoint (copied from the runs) are the bundled ones, key for key
     assert yaml.safe_load((DEMO_DIR / "training_recipe.yaml").read_text()) == asdict(recipe)
+    defaults = asdict(Recipe())
     for stage, file in ((first, "stage1_recipe.yaml"), (warmup, "stage2_recipe.yaml")):
-        assert yaml.safe_load((DEMO_DIR / file).read_text()) == asdict(stage), file
+        ran = yaml.safe_load((DEMO_DIR / file).read_text())
+        # a key added to Recipe after a stage ran must hold its default (the run behaved as it says)
+        assert {**{k: defaults[k] for k in asdict(stage).keys() - ran.keys()}, **ran} == asdict(stage), file
     defaults = json.loads((DEMO_DIR / INFERENCE_DEFAULTS_FILE).read_text())
     assert defaults == {"render": recipe.render}
 
@@ -150,6 +155,38 @@ def test_shuffled_conversations_keep_every_pair_in_seeded_orders_with_the_tag_fi
     mixed = shuffled_records(records, copies=2, seed=0)
     assert sorted(r["id"] for r in mixed) == sorted(f"s{k}_c0{j}" for k in range(10) for j in (0, 1))
     assert [r["id"] for r in mixed] != sorted(r["id"] for r in mixed) and mixed == shuffled_records(records, 2, 0)
+
+
+def test_no_shuffled_question_follows_one_that_gives_its_answer_away():
+    """Side / slices / row / column / tile questions exist only for what is there, and the report states
+    every answer: both come after the presence and count questions they would answer."""
+    from domain_data.synthetic.ct_phantom import make_ct_phantom
+    from domain_data.synthetic.qa import (
+        RENDERABLE_FINDINGS,
+        ct_questions,
+        ct_report_question,
+        llava_record,
+        scene_questions,
+    )
+    from domain_data.synthetic.satellite import make_scene
+
+    phantom = make_ct_phantom(3, findings=list(RENDERABLE_FINDINGS), n_slices=40, size=96)
+    scene = make_scene(5, 672, 672, objects={"ship": 2, "storage tank": 1, "building": 0}, tile_size=336)
+    ct_items = [*ct_questions(phantom), ct_report_question(phantom)]
+    expected = {"presence": 0, "count": 0, "side": 1, "slices": 1, "row": 1, "column": 1, "tile": 1, "report": 2}
+    items = ct_items + scene_questions(scene)
+    assert {item["kind"] for item in items} == set(expected)  # every kind of question is checked
+    for item in items:
+        assert question_order_group(item["question"], item["answer"]) == expected[item["kind"]], item
+    record = llava_record("ct_0", "ct_0.nii.gz", "series", ct_items)
+    kinds = {item["question"]: item["kind"] for item in ct_items}
+    orders = []
+    for copy in shuffled_conversations(record, index=0, copies=3, seed=0):
+        asked = [q.removeprefix("<image>\n") for q, _ in _pairs(copy)]
+        groups = [expected[kinds[q]] for q in asked]
+        assert groups == sorted(groups) and len(asked) == len(ct_items)
+        orders.append(tuple(asked))
+    assert len(set(orders)) == 3  # still shuffled within the groups
 
 
 def test_split_per_question_rejects_broken_conversations(tmp_path):
@@ -241,7 +278,8 @@ def test_demo_recipes_train_a_few_steps_in_three_stages(tiny_build, tmp_path):
     common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000"]
     base = None
     for name, files, extra in (("demo_vision", [tiny_build / "vision_train.json"], ["per_device_train_batch_size=4"]),
-                               ("demo_warmup", [single], ["per_device_train_batch_size=4"]),
+                               ("demo_warmup", [single], ["per_device_train_batch_size=4",
+                                                          f"projector_init_head={tmp_path / 'demo_vision'}"]),
                                ("demo", whole, [])):
         overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}", *common, *extra]
         recipe = load_recipe(name, overrides + ([f"base_model={base}"] if base else []))

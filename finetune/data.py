@@ -206,13 +206,14 @@ CT_REPORT_QUESTION = "Write the findings and impressions of this chest CT."
 def ct_rate_records(spec: str, render_defaults: dict | None = None) -> list[TrainingRecord]:
     """``ct-rate:ROOT[:SPLIT]`` -> records asking for the report of each volume (answer: findings +
     impressions); the volume is rescaled with its metadata row when rendered."""
+    from domain_data.medical.constants import report_answer
     from domain_data.medical.ct_rate import CTRateDataset
 
     _, root, *rest = spec.split(":")
     split = rest[0] if rest else "train"
     records = []
     for row in CTRateDataset(root, split=split, require_labels=False):
-        answer = f"Findings: {row.findings}\nImpressions: {row.impressions}"
+        answer = report_answer(row.findings, row.impressions)
         render = {**(render_defaults or {}), "ct_rate_metadata": row.metadata_row or None}
         conversations = ({"from": "human", "value": CT_REPORT_QUESTION}, {"from": "gpt", "value": answer})
         records.append(TrainingRecord(row.volume_name, conversations, (), "series", None, row.volume_path, None,

@@ -111,12 +111,13 @@ def _built_file(out_dir: str | Path, name: str) -> Path:
 # itself answers its presence question (side, slices, row, column, tile); 2 = the report, which states
 # every answer. Within a conversation a group never precedes a lower one.
 _CONDITIONAL_QUESTION = re.compile(r"^(on )?which (side|slices|row|column|tile)\b", re.IGNORECASE)
-REPORT_ANSWER_PREFIX = "Findings:"
 
 
 def question_order_group(question: str, answer: str) -> int:
     """0, 1 or 2 (see above): where a question may sit in a shuffled conversation."""
-    if answer.startswith(REPORT_ANSWER_PREFIX):
+    from domain_data.medical.constants import REPORT_FINDINGS_PREFIX
+
+    if answer.startswith(REPORT_FINDINGS_PREFIX):
         return 2
     return 1 if _CONDITIONAL_QUESTION.match(question.removeprefix(f"{IMAGE_TAG}\n")) else 0
 

@@ -23,3 +23,12 @@ CT_RATE_ABNORMALITIES: tuple[str, ...] = (
     "Bronchiectasis",
     "Interlobular septal thickening",
 )
+
+
+# The report answer the suite trains on and scores (CT-RATE's findings and impressions text fields).
+REPORT_FINDINGS_PREFIX = "Findings: "
+
+
+def report_answer(findings: str, impressions: str) -> str:
+    """``Findings: ...`` newline ``Impressions: ...``: one CT report as a training / reference answer."""
+    return f"{REPORT_FINDINGS_PREFIX}{findings}\nImpressions: {impressions}"

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from domain_data.medical.constants import report_answer
 from domain_data.synthetic.ct_phantom import LATERAL_FINDINGS, RENDERABLE_FINDINGS, Phantom
 from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS, Scene
 
@@ -193,7 +194,7 @@ def _impressions(phantom: Phantom) -> str:
 
 def ct_report_text(phantom: Phantom) -> str:
     report = ct_report(phantom)
-    return f"Findings: {report['findings']}\nImpressions: {report['impressions']}"
+    return report_answer(report["findings"], report["impressions"])
 
 
 def ct_report_question(phantom: Phantom) -> dict[str, str]:

@@ -18,7 +18,9 @@ and the held-out sets its model card is scored on:
   fixed order would teach the model that the first answer after the images is always the same question's.
   The shuffle keeps presence and count questions before those that name a present finding or object
   (side, slices, row, column, tile) and the report last (:func:`question_order_group`), so no answer
-  can be copied from an earlier turn.
+  can be copied from an earlier turn. ``--follow-up-copies N`` adds N versions of each CT study with only
+  those follow-up questions (:func:`follow_up_conversations`); the shipped recipe uses none (measured in
+  the model card, "How it got here" item 6).
 * ``single_train.json`` (stage 2, :func:`write_single_image_records`): one image per record
   (a CT slice, a satellite tile, a NIAH needle or haystack image) with an answer only its pixels give,
   and ``vision_train.json``, the same images with the answers as label names (stage 1, the vision
@@ -60,6 +62,10 @@ NIAH_SIZE = 112
 IMAGE_TAG = "<image>"
 SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
 SHUFFLED_COPIES = 3
+# follow-up-only versions per CT study: none in the shipped recipe (with one, every presence answer
+# became "Yes" exactly for the cardiomegaly studies: model card, "How it got here" item 6)
+FOLLOW_UP_COPIES = 0
+FOLLOW_UP_SOURCES = ("ct_train.json",)
 # how the demo recipes render CT studies (16 slices of 160 px) and scenes (336-px tiles, at most 16)
 DEMO_RENDER: dict[str, int] = {"num_slices": 16, "size": 160, "tile_size": 336, "max_tiles": 16}
 DEMO_CACHE_DIR = "build/demo_image_cache"
@@ -152,23 +158,57 @@ def shuffled_conversations(record: dict[str, Any], index: int, copies: int = SHU
     return versions
 
 
-def shuffled_records(records: Sequence[dict[str, Any]], copies: int = SHUFFLED_COPIES,
-                     seed: int = 0) -> list[dict[str, Any]]:
-    """:func:`shuffled_conversations` of every record, all versions in a seeded shuffled order."""
-    versions = [v for index, record in enumerate(records) for v in shuffled_conversations(record, index, copies, seed)]
+def follow_up_conversations(record: dict[str, Any], index: int, copies: int = FOLLOW_UP_COPIES,
+                            seed: int = 0) -> list[dict[str, Any]]:
+    """``copies`` versions of one record with only its follow-up questions (order groups 1 and 2: side,
+    slices, row, column, tile, the report), in a seeded order across both groups.
+
+    In :func:`shuffled_conversations` these questions never come straight after the images, yet
+    evaluation asks them there: a model trained only on those orders answered a side question with a
+    needle's colour. Without presence or count questions in the conversation, none of them can give a
+    presence answer away. A record with no follow-up question gives none. ids become ``ID_fNN``."""
+    pairs = [(piece["conversations"][0]["value"], piece["conversations"][1]) for piece in split_per_question(record)]
+    tag = f"{IMAGE_TAG}\n" if pairs and pairs[0][0].startswith(IMAGE_TAG) else ""
+    questions = [(question.removeprefix(f"{IMAGE_TAG}\n"), answer) for question, answer in pairs]
+    follow_ups = [pair for pair in questions if question_order_group(pair[0], pair[1]["value"]) > 0]
+    versions = []
+    for copy in range(copies if follow_ups else 0):
+        order = np.random.default_rng([seed, 13, index, copy]).permutation(len(follow_ups))
+        turns: list[dict[str, Any]] = []
+        for position, pair in enumerate(order):
+            question, answer = follow_ups[pair]
+            turns += [{"from": "human", "value": (tag if position == 0 else "") + question}, dict(answer)]
+        version = {key: value for key, value in record.items() if key != "conversations"}
+        version["id"] = f"{record.get('id', 'record')}_f{copy:02d}"
+        version["conversations"] = turns
+        versions.append(version)
+    return versions
+
+
+def shuffled_records(records: Sequence[dict[str, Any]], copies: int = SHUFFLED_COPIES, seed: int = 0,
+                     follow_up_copies: int = FOLLOW_UP_COPIES) -> list[dict[str, Any]]:
+    """:func:`shuffled_conversations` and :func:`follow_up_conversations` of every record, all versions
+    in a seeded shuffled order."""
+    versions = [v for index, record in enumerate(records)
+                for v in (shuffled_conversations(record, index, copies, seed)
+                          + follow_up_conversations(record, index, follow_up_copies, seed))]
     order = np.random.default_rng([seed, 7]).permutation(len(versions))
     return [versions[i] for i in order]
 
 
 def write_shuffled_records(out_dir: str | Path, seed: int = 0, copies: int = SHUFFLED_COPIES,
-                           sources: Sequence[str] = SHUFFLED_SOURCES) -> list[Path]:
-    """Rewrite each built training file ``NAME.json`` in ``out_dir`` as ``NAME_shuffled.json``."""
+                           sources: Sequence[str] = SHUFFLED_SOURCES,
+                           follow_up_copies: int = FOLLOW_UP_COPIES,
+                           follow_up_sources: Sequence[str] = FOLLOW_UP_SOURCES) -> list[Path]:
+    """Rewrite each built training file ``NAME.json`` in ``out_dir`` as ``NAME_shuffled.json`` (with
+    ``follow_up_copies`` follow-up versions of each record where ``NAME.json`` is in ``follow_up_sources``)."""
     written = []
     for name in sources:
         source = _built_file(out_dir, name)
         target = source.with_name(f"{source.stem}_shuffled.json")
         records = json.loads(source.read_text())
-        target.write_text(json.dumps(shuffled_records(records, copies, seed), indent=1) + "\n")
+        follow_ups = follow_up_copies if name in follow_up_sources else 0
+        target.write_text(json.dumps(shuffled_records(records, copies, seed, follow_ups), indent=1) + "\n")
         written.append(target)
     return written
 
@@ -380,7 +420,7 @@ def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, p
 
 
 def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
-                    cache_dir: str | Path = DEMO_CACHE_DIR) -> dict[str, Any]:
+                    cache_dir: str | Path = DEMO_CACHE_DIR, follow_up_copies: int = FOLLOW_UP_COPIES) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
     both stages' training files (the warm-up's renders land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
@@ -391,7 +431,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     manifest = build_synthetic_sets(out_dir, **options)
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
-    write_shuffled_records(out_dir, seed)
+    write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
     write_single_image_records(out_dir, cache_dir, seed)
     return manifest
 
@@ -415,16 +455,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every set size (e.g. 0.02 for a smoke run)")
     parser.add_argument("--cache-dir", default=DEMO_CACHE_DIR,
                         help=f"image cache the recipes train from (default {DEMO_CACHE_DIR})")
+    parser.add_argument("--follow-up-copies", type=int, default=FOLLOW_UP_COPIES,
+                        help="follow-up-only versions of each CT study in ct_train_shuffled.json (default 0)")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
     args = parser.parse_args(argv)
     if args.records_only:
-        written = write_shuffled_records(args.out, args.seed) + [
+        written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
             write_single_image_records(args.out, args.cache_dir, args.seed)]
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
-    manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir)
+    manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

@@ -20,6 +20,7 @@ from finetune.demo_data import (
     DemoDataError,
     build_heldout_subset,
     build_niah_train,
+    follow_up_conversations,
     question_order_group,
     shuffled_conversations,
     shuffled_records,
@@ -187,6 +188,34 @@ def test_no_shuffled_question_follows_one_that_gives_its_answer_away():
         assert groups == sorted(groups) and len(asked) == len(ct_items)
         orders.append(tuple(asked))
     assert len(set(orders)) == 3  # still shuffled within the groups
+
+
+def test_follow_up_copies_put_side_slices_report_and_tiles_straight_after_the_images():
+    """The follow-up copy asks only what the shuffled copies keep behind presence and counts, so each of
+    those questions can come first after the images, and still no presence answer can be read off."""
+    from domain_data.synthetic.ct_phantom import make_ct_phantom
+    from domain_data.synthetic.qa import RENDERABLE_FINDINGS, ct_questions, ct_report_question, llava_record
+
+    phantom = make_ct_phantom(3, findings=list(RENDERABLE_FINDINGS), n_slices=40, size=96)
+    items = [*ct_questions(phantom), ct_report_question(phantom)]
+    record = llava_record("ct_0", "ct_0.nii.gz", "series", items)
+    follow_ups = {(i["question"], i["answer"]) for i in items if i["kind"] in ("side", "slices", "report")}
+    assert len(follow_ups) >= 5
+    firsts = set()
+    for index in range(40):
+        (copy,) = follow_up_conversations(record, index, copies=1, seed=0)
+        pairs = _pairs(copy)
+        assert copy["id"] == "ct_0_f00" and set(pairs) == follow_ups and len(pairs) == len(follow_ups)
+        assert copy["conversations"][0]["value"].startswith("<image>\n")
+        firsts.add(pairs[0][0])
+    assert len(firsts) >= 3  # the report and several side / slice questions each come first somewhere
+    assert any(q.startswith("Write the findings") for q in firsts)
+    assert follow_up_conversations(record, 0, 1, 0) == follow_up_conversations(record, 0, 1, 0)
+    # presence-only conversations have nothing to follow up; the mixed file holds both kinds of copy
+    plain = _conversation("Nodule? Answer Yes or No.", "No")
+    assert follow_up_conversations(plain, 0, copies=1, seed=0) == []
+    mixed = shuffled_records([record, plain], copies=2, seed=0, follow_up_copies=1)
+    assert sorted(r["id"] for r in mixed) == ["ct_0_c00", "ct_0_c01", "ct_0_f00", "s1_c00", "s1_c01"]
 
 
 def test_split_per_question_rejects_broken_conversations(tmp_path):

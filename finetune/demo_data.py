@@ -139,23 +139,34 @@ def shuffled_conversations(record: dict[str, Any], index: int, copies: int = SHU
     a pleural effusion?" taught the model to say Yes only to findings the conversation had named). The
     image tag goes in front of whichever question comes first. ids become ``ID_cNN``; ``index`` is the
     record's place in its file."""
-    pairs = [(piece["conversations"][0]["value"], piece["conversations"][1]) for piece in split_per_question(record)]
-    tag = f"{IMAGE_TAG}\n" if pairs and pairs[0][0].startswith(IMAGE_TAG) else ""
-    questions = [(question.removeprefix(f"{IMAGE_TAG}\n"), answer) for question, answer in pairs]
+    tag, questions = _question_pairs(record)
     groups = [question_order_group(question, answer["value"]) for question, answer in questions]
     versions = []
     for copy in range(copies):
         shuffle = np.random.default_rng([seed, 11, index, copy]).permutation(len(questions))
         order = sorted(shuffle, key=lambda pair: groups[pair])  # stable: shuffled within each group
-        turns: list[dict[str, Any]] = []
-        for position, pair in enumerate(order):
-            question, answer = questions[pair]
-            turns += [{"from": "human", "value": (tag if position == 0 else "") + question}, dict(answer)]
-        version = {key: value for key, value in record.items() if key != "conversations"}
-        version["id"] = f"{record.get('id', 'record')}_c{copy:02d}"
-        version["conversations"] = turns
-        versions.append(version)
+        versions.append(_reordered_version(record, tag, [questions[pair] for pair in order], f"c{copy:02d}"))
     return versions
+
+
+def _question_pairs(record: dict[str, Any]) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """The record's image tag (``"<image>\\n"`` or ``""``) and its (question without the tag, answer turn) pairs."""
+    pairs = [(piece["conversations"][0]["value"], piece["conversations"][1]) for piece in split_per_question(record)]
+    tag = f"{IMAGE_TAG}\n" if pairs and pairs[0][0].startswith(IMAGE_TAG) else ""
+    return tag, [(question.removeprefix(f"{IMAGE_TAG}\n"), answer) for question, answer in pairs]
+
+
+def _reordered_version(record: dict[str, Any], tag: str, pairs: Sequence[tuple[str, dict[str, Any]]],
+                       suffix: str) -> dict[str, Any]:
+    """A copy of ``record`` whose conversation is ``pairs`` in this order, the image tag in front of the
+    first question, its id ``ID_suffix``."""
+    turns: list[dict[str, Any]] = []
+    for position, (question, answer) in enumerate(pairs):
+        turns += [{"from": "human", "value": (tag if position == 0 else "") + question}, dict(answer)]
+    version = {key: value for key, value in record.items() if key != "conversations"}
+    version["id"] = f"{record.get('id', 'record')}_{suffix}"
+    version["conversations"] = turns
+    return version
 
 
 def follow_up_conversations(record: dict[str, Any], index: int, copies: int = FOLLOW_UP_COPIES,
@@ -167,21 +178,12 @@ def follow_up_conversations(record: dict[str, Any], index: int, copies: int = FO
     evaluation asks them there: a model trained only on those orders answered a side question with a
     needle's colour. Without presence or count questions in the conversation, none of them can give a
     presence answer away. A record with no follow-up question gives none. ids become ``ID_fNN``."""
-    pairs = [(piece["conversations"][0]["value"], piece["conversations"][1]) for piece in split_per_question(record)]
-    tag = f"{IMAGE_TAG}\n" if pairs and pairs[0][0].startswith(IMAGE_TAG) else ""
-    questions = [(question.removeprefix(f"{IMAGE_TAG}\n"), answer) for question, answer in pairs]
+    tag, questions = _question_pairs(record)
     follow_ups = [pair for pair in questions if question_order_group(pair[0], pair[1]["value"]) > 0]
     versions = []
     for copy in range(copies if follow_ups else 0):
         order = np.random.default_rng([seed, 13, index, copy]).permutation(len(follow_ups))
-        turns: list[dict[str, Any]] = []
-        for position, pair in enumerate(order):
-            question, answer = follow_ups[pair]
-            turns += [{"from": "human", "value": (tag if position == 0 else "") + question}, dict(answer)]
-        version = {key: value for key, value in record.items() if key != "conversations"}
-        version["id"] = f"{record.get('id', 'record')}_f{copy:02d}"
-        version["conversations"] = turns
-        versions.append(version)
+        versions.append(_reordered_version(record, tag, [follow_ups[pair] for pair in order], f"f{copy:02d}"))
     return versions
 
 

@@ -24,7 +24,9 @@ and the held-out sets its model card is scored on:
 * ``single_train.json`` (stage 2, :func:`write_single_image_records`): one image per record
   (a CT slice, a satellite tile, a NIAH needle or haystack image) with an answer only its pixels give,
   and ``vision_train.json``, the same images with the answers as label names (stage 1, the vision
-  tower's pretraining, :func:`vision_records`). It renders the CT
+  tower's pretraining, :func:`vision_records`); ``--vision-needles N`` adds N single needle images
+  (``niah_vision/``, :func:`vision_needle_records`) that only stage 1 sees (the shipped recipe uses none:
+  model card, "How it got here" item 7). It renders the CT
   studies and scenes into the training image cache (:data:`DEMO_CACHE_DIR`).
 
 Same arguments -> the same files (every draw is seeded).
@@ -59,6 +61,11 @@ NIAH_TRAIN_RECORDS = 1000
 NIAH_POOL_SIZE = 800
 NIAH_IMAGES_RANGE = (4, 48)
 NIAH_SIZE = 112
+# extra needle images (one each, no haystack) that only the vision stage sees: none in the shipped recipe.
+# 5,000 of them (and 1,250 stage-1 steps) raised stage 1's shape reading from 0.33 to 0.48 of fresh needles
+# but NIAH-100 only from 0.25 to 0.30 (model card, "How it got here" item 7)
+NIAH_VISION_NEEDLES = 0
+NIAH_VISION_INDEX_BASE = 10_000_000  # haystack indices of those needles: far from the pool and the records'
 IMAGE_TAG = "<image>"
 SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
 SHUFFLED_COPIES = 3
@@ -366,11 +373,44 @@ def vision_records(single_records: Sequence[dict[str, Any]]) -> list[dict[str, A
     return out
 
 
-def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0) -> Path:
-    """``single_train.json`` in ``out_dir`` (:func:`single_image_records`; stage 2) and ``vision_train.json``,
-    the same images with label names (:func:`vision_records`; stage 1). Returns the first."""
+def vision_needle_records(out_dir: str | Path, n_needles: int = NIAH_VISION_NEEDLES, seed: int = 0,
+                          size: int = NIAH_SIZE) -> list[dict[str, Any]]:
+    """``n_needles`` single needle images (written to ``niah_vision/needle_KKKKK.png``) as
+    :func:`single_image_records`-style records ("red square"): drawn on haystack images of the NIAH
+    training pool's seed at indices from :data:`NIAH_VISION_INDEX_BASE` on, so none repeats a pool
+    image, a training needle or an evaluation image. Colours and shapes are balanced (cycled) in a
+    seeded order."""
+    from PIL import Image
+
+    from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES, needle_image
+
+    out = Path(out_dir).resolve()
+    (out / "niah_vision").mkdir(parents=True, exist_ok=True)
+    pool_seed = NIAH_TRAIN_SEED_BASE + seed
+    colours, shapes = list(NEEDLE_COLOURS), list(NEEDLE_SHAPES)
+    pairs = [(colours[k % len(colours)], shapes[(k // len(colours)) % len(shapes)]) for k in range(n_needles)]
+    order = np.random.default_rng([pool_seed, 17]).permutation(n_needles)
+    records = []
+    for k in tqdm(range(n_needles), desc="vision needles", unit="image", disable=n_needles < 100):
+        colour, shape = pairs[order[k]]
+        path = out / f"niah_vision/needle_{k:05d}.png"  # rewritten every time: the answer depends on the seed
+        Image.fromarray(needle_image(pool_seed, colour, shape, size, NIAH_VISION_INDEX_BASE + k)).save(path)
+        records.append(_single(f"niah_vision_{k:05d}", path, NEEDLE_QUESTION, f"{colour} {shape}"))
+    return records
+
+
+def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
+                               vision_needles: int = NIAH_VISION_NEEDLES) -> Path:
+    """``single_train.json`` in ``out_dir`` (:func:`single_image_records`; stage 2) and ``vision_train.json``
+    (stage 1): the same images with label names (:func:`vision_records`), with ``vision_needles`` extra
+    needle images (:func:`vision_needle_records`) shuffled in (seeded). Returns the first."""
     records = single_image_records(out_dir, cache_dir, seed=seed)
-    (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision_records(records), indent=1) + "\n")
+    vision = records
+    if vision_needles:
+        vision = records + vision_needle_records(out_dir, vision_needles, seed)
+        vision = [vision[i] for i in np.random.default_rng([seed, 19]).permutation(len(vision))]
+    vision = vision_records(vision)
+    (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision, indent=1) + "\n")
     target = Path(out_dir) / "single_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")
     return target
@@ -422,7 +462,8 @@ def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, p
 
 
 def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
-                    cache_dir: str | Path = DEMO_CACHE_DIR, follow_up_copies: int = FOLLOW_UP_COPIES) -> dict[str, Any]:
+                    cache_dir: str | Path = DEMO_CACHE_DIR, follow_up_copies: int = FOLLOW_UP_COPIES,
+                    vision_needles: int = NIAH_VISION_NEEDLES) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
     both stages' training files (the warm-up's renders land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
@@ -434,7 +475,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
-    write_single_image_records(out_dir, cache_dir, seed)
+    write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale))
     return manifest
 
 
@@ -459,16 +500,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"image cache the recipes train from (default {DEMO_CACHE_DIR})")
     parser.add_argument("--follow-up-copies", type=int, default=FOLLOW_UP_COPIES,
                         help="follow-up-only versions of each CT study in ct_train_shuffled.json (default 0)")
+    parser.add_argument("--vision-needles", type=int, default=NIAH_VISION_NEEDLES,
+                        help=f"single needle images only stage 1 sees (default {NIAH_VISION_NEEDLES})")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
     args = parser.parse_args(argv)
     if args.records_only:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
-            write_single_image_records(args.out, args.cache_dir, args.seed)]
+            write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles)]
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
-    manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies)
+    manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
+                               args.vision_needles)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

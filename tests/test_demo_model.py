@@ -28,6 +28,7 @@ from finetune.demo_data import (
     slice_findings_answer,
     split_per_question,
     tile_counts_answer,
+    vision_needle_records,
     vision_records,
     write_shuffled_records,
     write_single_image_records,
@@ -274,6 +275,45 @@ def test_single_image_records_label_every_slice_tile_and_needle(tiny_build, tmp_
     assert all(Path(r["images"][0]).is_absolute() and Path(r["images"][0]).is_file() for r in records)
 
 
+def test_vision_needles_are_balanced_new_images_seen_only_by_the_vision_stage(tiny_build, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES
+
+    pairs = [f"{c} {s}" for c in NEEDLE_COLOURS for s in NEEDLE_SHAPES]
+    needles = vision_needle_records(tiny_build, 2 * len(pairs))
+    assert needles == vision_needle_records(tiny_build, 2 * len(pairs))  # seeded
+    answers = [r["conversations"][1]["value"] for r in needles]
+    assert sorted(answers) == sorted(pairs * 2) and answers[:len(pairs)] != pairs  # balanced, shuffled
+    assert all(r["conversations"][0]["value"] == NEEDLE_QUESTION for r in needles)
+    pixels = [np.asarray(Image.open(r["images"][0])) for r in needles]
+    training = [np.asarray(Image.open(tiny_build / rel)) for rel in sorted(
+        str(p.relative_to(tiny_build)) for p in (tiny_build / "niah_train").glob("*.png"))]
+    assert not any(np.array_equal(a, b) for a in pixels for b in training)  # no pool or record image again
+    single = write_single_image_records(tiny_build, tmp_path / "cache", vision_needles=8)
+    stage2 = json.loads(single.read_text())
+    stage1 = json.loads((tiny_build / "vision_train.json").read_text())
+    assert len(stage1) == len(stage2) + 8 and not any("niah_vision" in r["id"] for r in stage2)
+    extra = [r for r in stage1 if r["id"].startswith("niah_vision")]
+    assert sorted(r["id"] for r in extra) == [f"niah_vision_{k:05d}" for k in range(8)]
+    assert all(r["labels"][0] == "niah needle" and len(r["labels"]) == 3 for r in extra)
+    assert stage1.index(extra[0]) != 0 or stage1.index(extra[-1]) != len(stage1) - 1  # shuffled in
+
+
+def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
+    from finetune.demo_data import main
+
+    out, cache = tmp_path / "synthetic", tmp_path / "cache"
+    assert main(["--out", str(out), "--scale", "0.004", "--cache-dir", str(cache), "--vision-needles", "500"]) == 0
+    files = {name: json.loads((out / name).read_text()) for name in (
+        "vision_train.json", "single_train.json", "ct_train_shuffled.json", "rs_train_shuffled.json", "niah_train.json")}
+    assert len(files["vision_train.json"]) == len(files["single_train.json"]) + 2  # 500 x 0.004 needles
+    assert len(files["ct_train_shuffled.json"]) == 2 * 3 and len(files["niah_train.json"]) == 4
+    assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]) == 0
+    assert json.loads((out / "vision_train.json").read_text()) == vision_records(files["single_train.json"])
+
+
 def test_vision_records_turn_every_answer_into_label_names():
     def single(question, answer):
         return {"id": "x", "images": ["/a.png"], "conversations": [{"value": question}, {"value": answer}]}
@@ -302,7 +342,7 @@ def test_demo_recipes_train_a_few_steps_in_three_stages(tiny_build, tmp_path):
     from finetune.train import run_training
 
     cache = tmp_path / "cache"
-    single = write_single_image_records(tiny_build, cache)
+    single = write_single_image_records(tiny_build, cache, vision_needles=4)
     whole = [str(p) for p in write_shuffled_records(tiny_build)] + [str(tiny_build / "niah_train.json")]
     common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000"]
     base = None

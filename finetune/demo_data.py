@@ -226,30 +226,48 @@ def write_shuffled_records(out_dir: str | Path, seed: int = 0, copies: int = SHU
 # Vision warm-up stage: one image per record, each with an answer that only its pixels give
 
 
-def _on_slice(finding: dict[str, Any], z: int) -> tuple[bool, str | None]:
-    """Whether ``finding`` reaches plane ``z`` (0-based) and its side there: a lung nodule by the
-    spans of the nodules themselves (a slice between two nodules shows none; the side is theirs)."""
+def _on_planes(finding: dict[str, Any], first: int, last: int) -> tuple[bool, str | None]:
+    """Whether ``finding`` reaches any of planes ``first``..``last`` (0-based, inclusive) and its side
+    there: a lung nodule by the spans of the nodules themselves (a slice between two nodules shows none;
+    the side is theirs)."""
     nodules = (finding.get("details") or {}).get("nodules")
     if nodules:
-        sides = {n["side"] for n in nodules if n["slices"][0] <= z <= n["slices"][1]}
+        sides = {n["side"] for n in nodules if n["slices"][0] <= last and first <= n["slices"][1]}
         return bool(sides), (sides.pop() if len(sides) == 1 else "both") if sides else None
     span = finding.get("slices")
-    return bool(span and span[0] <= z <= span[1]), finding.get("side")
+    return bool(span and span[0] <= last and first <= span[1]), finding.get("side")
 
 
-def slice_findings_answer(findings: dict[str, dict[str, Any]], z_index: float) -> str:
+def slice_findings_answer(findings: dict[str, dict[str, Any]], z_index: float, z_last: int | None = None) -> str:
     """The findings on the rendered plane at fractional ``z_index`` (rounded to the nearest stored
-    slice; ground-truth spans are 0-based, inclusive) in :data:`RENDERABLE_FINDINGS` order with their
-    side: ``"lung nodule (left), cardiomegaly"``, or ``"none"``."""
+    slice; ground-truth spans are 0-based, inclusive), or on any plane ``z_index``..``z_last`` of a slab
+    image, in :data:`RENDERABLE_FINDINGS` order with their side: ``"lung nodule (left), cardiomegaly"``,
+    or ``"none"``."""
     from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
 
+    first = round(z_index)
+    last = first if z_last is None else int(z_last)
     shown = []
     for name in RENDERABLE_FINDINGS:
         finding = findings.get(name) or {}
-        on_slice, side = _on_slice(finding, round(z_index)) if finding.get("present") else (False, None)
+        on_slice, side = _on_planes(finding, first, last) if finding.get("present") else (False, None)
         if on_slice:
             shown.append(name.lower() + (f" ({side})" if side else ""))
     return ", ".join(shown) or "none"
+
+
+def rendered_slice_answers(truth: dict[str, Any], render: dict[str, Any], count: int) -> list[str]:
+    """:func:`slice_findings_answer` of each of the ``count`` images a study (its ``ground_truth``) is
+    rendered into with ``render``: sampled planes (evenly spaced fractional z indices, as
+    :func:`domain_data.medical.ct_to_slices` samples them) or, with ``window: slab``, slabs of planes."""
+    from domain_data.medical.slices import SLAB_WINDOW, slab_bounds
+
+    n_planes = truth["shape_zyx"][0]
+    if render.get("window") == SLAB_WINDOW:  # each image projects a slab of planes
+        planes = [(float(first), int(last)) for first, last in slab_bounds(n_planes, count)]
+    else:
+        planes = [(float(z), None) for z in np.linspace(0, n_planes - 1, count)]
+    return [slice_findings_answer(truth["findings"], z, z_last) for z, z_last in planes]
 
 
 def tile_counts_answer(objects: Sequence[dict[str, Any]], row: int, col: int) -> str:
@@ -280,10 +298,8 @@ def _rendered(out: Path, name: str, truths_name: str, render: dict[str, Any], ca
 def _slice_records(out: Path, render: dict[str, Any], cache: Path) -> list[dict[str, Any]]:
     pieces = []
     for record_id, truth, visuals in _rendered(out, "ct_train.json", "ct_train_studies.jsonl", render, cache):
-        # the renderer samples len(paths) evenly spaced planes at these fractional z indices
-        z_indices = np.linspace(0, truth["shape_zyx"][0] - 1, len(visuals.paths))
-        for s, (path, z) in enumerate(zip(visuals.paths, z_indices, strict=True)):
-            answer = slice_findings_answer(truth["findings"], float(z))
+        for s, (path, answer) in enumerate(zip(visuals.paths, rendered_slice_answers(truth, render, len(visuals.paths)),
+                                               strict=True)):
             pieces.append(_single(f"{record_id}_s{s:02d}", path, SLICE_QUESTION, answer))
     return pieces
 
@@ -400,11 +416,13 @@ def vision_needle_records(out_dir: str | Path, n_needles: int = NIAH_VISION_NEED
 
 
 def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
-                               vision_needles: int = NIAH_VISION_NEEDLES) -> Path:
-    """``single_train.json`` in ``out_dir`` (:func:`single_image_records`; stage 2) and ``vision_train.json``
-    (stage 1): the same images with label names (:func:`vision_records`), with ``vision_needles`` extra
-    needle images (:func:`vision_needle_records`) shuffled in (seeded). Returns the first."""
-    records = single_image_records(out_dir, cache_dir, seed=seed)
+                               vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None
+                               ) -> Path:
+    """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
+    default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
+    names (:func:`vision_records`), with ``vision_needles`` extra needle images
+    (:func:`vision_needle_records`) shuffled in (seeded). Returns the first."""
+    records = single_image_records(out_dir, cache_dir, render, seed=seed)
     vision = records
     if vision_needles:
         vision = records + vision_needle_records(out_dir, vision_needles, seed)
@@ -463,9 +481,10 @@ def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, p
 
 def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                     cache_dir: str | Path = DEMO_CACHE_DIR, follow_up_copies: int = FOLLOW_UP_COPIES,
-                    vision_needles: int = NIAH_VISION_NEEDLES) -> dict[str, Any]:
+                    vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
-    both stages' training files (the warm-up's renders land in ``cache_dir``)."""
+    both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
 
     options = dict(DEMO_BUILD, seed=seed)
@@ -475,7 +494,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
-    write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale))
+    write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render)
     return manifest
 
 
@@ -502,17 +521,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="follow-up-only versions of each CT study in ct_train_shuffled.json (default 0)")
     parser.add_argument("--vision-needles", type=int, default=NIAH_VISION_NEEDLES,
                         help=f"single needle images only stage 1 sees (default {NIAH_VISION_NEEDLES})")
+    parser.add_argument("--ct-window", choices=("multi", "slab"), default="multi",
+                        help="how single_train.json / vision_train.json render CT studies: 'multi' (sampled "
+                        "planes, the shipped recipes) or 'slab' (MinIP / average / MIP of consecutive slabs; "
+                        "the stage-3 recipe's render must then say window: slab too)")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
     args = parser.parse_args(argv)
+    render = dict(DEMO_RENDER, window="slab") if args.ct_window == "slab" else DEMO_RENDER
     if args.records_only:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
-            write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles)]
+            write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render)]
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
     manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
-                               args.vision_needles)
+                               args.vision_needles, render)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

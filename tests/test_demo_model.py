@@ -22,6 +22,7 @@ from finetune.demo_data import (
     build_niah_train,
     follow_up_conversations,
     question_order_group,
+    rendered_slice_answers,
     shuffled_conversations,
     shuffled_records,
     single_image_records,
@@ -240,6 +241,13 @@ def test_slice_findings_answer_follows_the_ground_truth_spans_and_nodules():
     assert slice_findings_answer(findings, 25.0) == "cardiomegaly"  # between the two nodules
     assert slice_findings_answer(findings, 40.4) == "lung nodule (right), cardiomegaly"  # plane 40
     assert slice_findings_answer(findings, 61.0) == "none"
+    assert slice_findings_answer(findings, 15.0, 35) == "cardiomegaly"  # a slab between the nodules
+    assert slice_findings_answer(findings, 14.0, 36) == "lung nodule (both), cardiomegaly"  # touches both
+    truth = {"shape_zyx": [64, 8, 8], "findings": findings}
+    # 4 sampled planes 0, 21, 42, 63; 4 slabs 0-15, 16-31, 32-47, 48-63
+    assert rendered_slice_answers(truth, DEMO_RENDER, 4) == ["none", "cardiomegaly", "cardiomegaly", "none"]
+    assert rendered_slice_answers(truth, {**DEMO_RENDER, "window": "slab"}, 4) == [
+        "lung nodule (left), cardiomegaly", "cardiomegaly", "lung nodule (right), cardiomegaly", "cardiomegaly"]
     findings["Lung nodule"]["details"]["nodules"][1]["slices"] = [12, 16]
     assert slice_findings_answer(findings, 13.0).startswith("lung nodule (both)")
 

@@ -6,6 +6,14 @@ nearest slice planes, on the planes' real positions, so uneven DICOM spacing is 
 is scaled to fit ``size`` x ``size`` keeping its physical aspect (in-plane pixel spacing), windowed to
 8 bits (one named window as grey RGB, or ``"multi"``: lung / mediastinum / bone as R / G / B) and
 centred on a black square. Images are ordered inferior -> superior (canonical z, see ``ct.py``).
+
+``window="slab"`` shows the whole volume instead of sampled planes: the stored planes are split, in
+order, into as many consecutive slabs as images (:func:`slab_bounds`), and each image projects its slab
+the way radiologists read thick slabs: red = minimum intensity projection (MinIP) through the
+``emphysema`` window (low-attenuation areas), green = average (AIP) through the mediastinum window (heart,
+fluid, consolidation), blue = maximum intensity projection (MIP) through the lung window (nodules). So a
+finding between two sampled planes, or a nodule cut near its edge, still shows at its full size. With at
+least as many images as planes, each slab is one plane.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ from longllava.protocol import series_prompt
 MIN_SLICES = 100
 MAX_SLICES = 984
 DEFAULT_SIZE = 336
+SLAB_WINDOW = "slab"
+# (projection over the slab, display window) of the red, green and blue channels of a slab image
+SLAB_CHANNELS: tuple[tuple[str, str], ...] = (("min", "emphysema"), ("mean", "mediastinum"), ("max", "lung"))
 
 
 @dataclass
@@ -84,6 +95,17 @@ def _hu_plane(hu: np.ndarray, index: float) -> np.ndarray:
     return (1.0 - weight) * hu[below] + weight * hu[below + 1]
 
 
+def slab_bounds(n_planes: int, count: int) -> np.ndarray:
+    """(count, 2) first and last stored plane (0-based, inclusive) of ``count`` consecutive slabs that
+    cover ``n_planes`` planes in order, as even as whole planes allow; each slab holds at least one
+    plane (with more slabs than planes, planes repeat)."""
+    if n_planes < 1 or count < 1:
+        raise CTInputError(f"slab_bounds needs at least one plane and one slab, got {n_planes} and {count}")
+    starts = np.arange(count) * n_planes // count
+    ends = np.maximum(np.arange(1, count + 1) * n_planes // count - 1, starts)
+    return np.stack([starts, ends], axis=1)  # (count, 2)
+
+
 def _fit_size(shape: tuple[int, int], pixel_mm: tuple[float, float], size: int) -> tuple[int, int]:
     """(height, width) in output pixels keeping the slice's physical aspect within size x size."""
     height_mm, width_mm = shape[0] * pixel_mm[0], shape[1] * pixel_mm[1]
@@ -91,21 +113,43 @@ def _fit_size(shape: tuple[int, int], pixel_mm: tuple[float, float], size: int) 
     return max(1, round(height_mm * scale)), max(1, round(width_mm * scale))
 
 
+def _scaled_hu(hu_plane: np.ndarray, size: int, pixel_mm: tuple[float, float]) -> np.ndarray:
+    """HU plane (H, W) resized (bilinear, in HU) to fit size x size keeping its physical aspect."""
+    height, width = _fit_size(hu_plane.shape, pixel_mm, size)
+    scaled = Image.fromarray(np.ascontiguousarray(hu_plane, dtype=np.float32), mode="F")
+    return np.asarray(scaled.resize((width, height), Image.Resampling.BILINEAR))  # (height, width) HU
+
+
+def _on_canvas(rgb: np.ndarray, size: int) -> Image.Image:
+    """uint8 (h, w, 3) centred on a black size x size RGB image."""
+    height, width = rgb.shape[:2]
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - height) // 2, (size - width) // 2
+    canvas[top : top + height, left : left + width] = rgb
+    return Image.fromarray(canvas, mode="RGB")
+
+
 def render_slice(hu_plane: np.ndarray, window: str, size: int, pixel_mm: tuple[float, float] = (1.0, 1.0),
                  ) -> Image.Image:
     """One HU plane (H, W) -> RGB PIL image size x size (aspect kept, black padding)."""
-    height, width = _fit_size(hu_plane.shape, pixel_mm, size)
-    scaled = Image.fromarray(np.ascontiguousarray(hu_plane, dtype=np.float32), mode="F")
-    scaled = np.asarray(scaled.resize((width, height), Image.Resampling.BILINEAR))  # (height, width) HU
+    scaled = _scaled_hu(hu_plane, size, pixel_mm)
     if window == "multi":
         rgb = multi_window_rgb(scaled)
     else:
         grey = apply_window(scaled, window)
         rgb = np.repeat(grey[:, :, None], 3, axis=2)  # (height, width, 3)
-    canvas = np.zeros((size, size, 3), dtype=np.uint8)
-    top, left = (size - height) // 2, (size - width) // 2
-    canvas[top : top + height, left : left + width] = rgb
-    return Image.fromarray(canvas, mode="RGB")
+    return _on_canvas(rgb, size)
+
+
+def render_slab(hu_slab: np.ndarray, size: int, pixel_mm: tuple[float, float] = (1.0, 1.0)) -> Image.Image:
+    """Consecutive HU planes (k, H, W) -> one RGB image size x size: MinIP / average / MIP as R / G / B
+    through the :data:`SLAB_CHANNELS` windows (see the module docstring)."""
+    hu_slab = np.asarray(hu_slab, dtype=np.float32)
+    if hu_slab.ndim != 3 or hu_slab.shape[0] < 1:
+        raise CTInputError(f"render_slab needs planes (k, H, W) with k >= 1, got shape {hu_slab.shape}")
+    projections = {"min": hu_slab.min(axis=0), "mean": hu_slab.mean(axis=0), "max": hu_slab.max(axis=0)}
+    channels = [apply_window(_scaled_hu(projections[kind], size, pixel_mm), window) for kind, window in SLAB_CHANNELS]
+    return _on_canvas(np.stack(channels, axis=-1), size)  # (height, width, 3) on the canvas
 
 
 def ct_to_slices(
@@ -119,19 +163,34 @@ def ct_to_slices(
 
     ``num_slices`` fixes the count (1-984); ``spacing_mm`` asks for a z spacing (count clipped to
     100-984); neither keeps the study's own count clipped to 100-984. ``window`` is a name from
-    :data:`~domain_data.medical.windows.WINDOWS` or ``"multi"``.
+    :data:`~domain_data.medical.windows.WINDOWS`, ``"multi"`` or ``"slab"`` (each image a projection of
+    its slab of planes; see the module docstring).
     """
-    if window != "multi":
+    if window not in ("multi", SLAB_WINDOW):
         get_window(window)  # validates the name
     if not isinstance(size, int) or size < 8:
         raise CTInputError(f"size={size!r}: use an integer image side of at least 8 pixels")
     count, reason = choose_slice_count(volume, num_slices, spacing_mm)
-    indices, positions = _target_indices(volume, count)
     pixel_mm = (float(volume.spacing_mm[1]), float(volume.spacing_mm[2]))
+    if window == SLAB_WINDOW:
+        return _slabs_to_slices(volume, count, reason, size, pixel_mm)
+    indices, positions = _target_indices(volume, count)
     images = [render_slice(_hu_plane(volume.hu, index), window, size, pixel_mm) for index in indices]
     resampled = reason if count == volume.num_slices and np.array_equal(indices, np.arange(count)) else (
         f"{reason}; resampled along z from {volume.num_slices} planes (linear in HU)")
     return CTSlices(images, indices, positions, series_prompt(count), window, size, resampled)
+
+
+def _slabs_to_slices(volume: CTVolume, count: int, reason: str, size: int, pixel_mm: tuple[float, float]
+                     ) -> CTSlices:
+    bounds = slab_bounds(volume.num_slices, count)
+    images = [render_slab(volume.hu[first : last + 1], size, pixel_mm) for first, last in bounds]
+    centres = bounds.mean(axis=1)  # (count,) fractional z index of each slab's middle
+    positions = np.interp(centres, np.arange(volume.num_slices), np.asarray(volume.z_offsets_mm, dtype=np.float64))
+    thickness = bounds[:, 1] - bounds[:, 0] + 1
+    how = (f"{reason}; each image projects a slab of {thickness.min()}-{thickness.max()} of the study's "
+           f"{volume.num_slices} planes (MinIP / average / MIP)")
+    return CTSlices(images, centres, positions, series_prompt(count), SLAB_WINDOW, size, how)
 
 
 def montage(slices: CTSlices | Sequence[Image.Image], columns: int = 8, max_images: int = 32,

@@ -35,6 +35,7 @@ WINDOWS: dict[str, Window] = {
     "mediastinum": Window(width=350, level=50),
     "bone": Window(width=1800, level=400),
     "wide": Window(width=2000, level=0),
+    "emphysema": Window(width=300, level=-850),  # -1000 .. -700 HU: low-attenuation areas against lung
 }
 
 # Channel order of the multi-window RGB slices.

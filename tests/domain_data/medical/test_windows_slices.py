@@ -7,7 +7,15 @@ import pytest
 
 from domain_data.medical.ct import CTVolume
 from domain_data.medical.errors import CTInputError
-from domain_data.medical.slices import MAX_SLICES, MIN_SLICES, ct_to_slices, montage, render_slice
+from domain_data.medical.slices import (
+    MAX_SLICES,
+    MIN_SLICES,
+    ct_to_slices,
+    montage,
+    render_slab,
+    render_slice,
+    slab_bounds,
+)
 from domain_data.medical.windows import WINDOWS, apply_window, multi_window_rgb
 from longllava.protocol import count_images, series_prompt
 
@@ -107,3 +115,41 @@ def test_montage_layout() -> None:
     assert sheet.size == (32, 24)
     with pytest.raises(CTInputError):
         montage([])
+
+
+def test_slab_bounds_cover_every_plane_once_in_order() -> None:
+    bounds = slab_bounds(120, 16)
+    assert bounds.shape == (16, 2) and bounds[0, 0] == 0 and bounds[-1, 1] == 119
+    np.testing.assert_array_equal(bounds[1:, 0], bounds[:-1, 1] + 1)  # consecutive, no gap, no overlap
+    assert set(bounds[:, 1] - bounds[:, 0] + 1) == {7, 8}  # 120 / 16 = 7.5 planes each
+    np.testing.assert_array_equal(slab_bounds(3, 5), [[0, 0], [0, 0], [1, 1], [1, 1], [2, 2]])
+    with pytest.raises(CTInputError, match="at least one plane"):
+        slab_bounds(0, 4)
+
+
+def test_render_slab_channels_are_min_mean_max_projections() -> None:
+    planes = np.full((3, 4, 4), -850.0, dtype=np.float32)
+    planes[0, 0, 0] = -975.0  # a low-attenuation voxel in the first plane
+    planes[2, 3, 3] = 35.0  # a soft-tissue voxel in the last plane
+    rgb = np.asarray(render_slab(planes, size=4))
+    np.testing.assert_array_equal(rgb[..., 0], apply_window(planes.min(axis=0), "emphysema"))
+    np.testing.assert_array_equal(rgb[..., 1], apply_window(planes.mean(axis=0), "mediastinum"))
+    np.testing.assert_array_equal(rgb[..., 2], apply_window(planes.max(axis=0), "lung"))
+    assert rgb[0, 0, 0] < rgb[1, 1, 0] and rgb[3, 3, 2] > rgb[1, 1, 2]
+    with pytest.raises(CTInputError, match="planes"):
+        render_slab(planes[0], size=4)
+
+
+def test_slab_window_shows_a_finding_between_sampled_planes() -> None:
+    volume = _volume(120)
+    volume.hu[:] = -850.0
+    volume.hu[3, 5:7, 5:7] = 35.0  # a "nodule" on plane 3 only; 16 sampled planes are 0, 7.9, 15.9, ...
+    sampled = ct_to_slices(volume, num_slices=16, window="lung", size=12)
+    slabs = ct_to_slices(volume, num_slices=16, window="slab", size=12)
+    assert len(slabs) == 16 and slabs.window == "slab" and slabs.prompt == series_prompt(16)
+    assert "slab of 7-8" in slabs.resampled
+    assert max(_grey(image).max() for image in sampled.images) == _grey(sampled.images[0]).min()  # missed
+    blue = [np.asarray(image)[..., 2].astype(int) for image in slabs.images]
+    assert blue[0][5, 5] - blue[0][0, 0] > 100 and all(b.max() == b.min() for b in blue[1:])
+    np.testing.assert_allclose(slabs.source_indices[:2], [3.0, 10.5])  # slab middles (planes 0-6, 7-14)
+    np.testing.assert_allclose(slabs.positions_mm[:2], [6.0, 21.0])  # 2 mm apart

@@ -1,0 +1,137 @@
+"""Does a vision stage's tower see each CT finding, per image and per study? ROC AUC of its label head.
+
+``python -m finetune.vision_probe --run build/demo_vision --data build/heldout20 --render '{...}'``
+renders the first ``--limit`` studies of a synthetic build's held-out CT set (``ct_test_studies.jsonl``)
+the way the recipes do (``--render``: sampled planes or ``window: slab``), runs stage 1's label head
+(:func:`finetune.vision.label_probabilities`) on every image and scores, for each rendered finding:
+
+* image level: the head's ``ct <finding>`` probability against whether the finding reaches the image
+  (:func:`finetune.demo_data.rendered_slice_answers`), as stage 1 was trained;
+* study level: the maximum and the mean of that probability over the study's images against whether the
+  study has the finding -- what stage 3's presence questions need. A finding on 1-2 of 16 images needs
+  an image-level detector with almost no false positives for the maximum to separate studies.
+
+Writes ``vision_probe.json`` and prints a table. This is the check to run after stage 1, before spending
+an hour on stages 2-3 (model card, "How it got here").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STUDIES_FILE = "ct_test_studies.jsonl"
+
+
+def auc_or_none(truth: Sequence[bool], score: Sequence[float]) -> float | None:
+    """ROC AUC, or None when ``truth`` holds one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.asarray(truth, dtype=bool)
+    if truth.all() or not truth.any():
+        return None
+    return float(roc_auc_score(truth, np.asarray(score, dtype=np.float64)))
+
+
+def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence[dict[str, Any]],
+                   probabilities: Sequence[np.ndarray], label_index: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Per rendered finding: image-level AUC and study-level AUC of the max / mean probability.
+
+    ``study_answers[i][k]`` is image k's :func:`slice_findings_answer` of study i, ``study_truth[i]`` the
+    study's ``findings`` and ``probabilities[i]`` its ``(images, labels)`` head probabilities."""
+    from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
+
+    scores = {}
+    for name in RENDERABLE_FINDINGS:
+        label = f"ct {name.lower()}"
+        if label not in label_index:
+            continue
+        column = label_index[label]
+        on_image = [name.lower() in answer for answers in study_answers for answer in answers]
+        image_score = np.concatenate([p[:, column] for p in probabilities])
+        present = [bool(truth[name]["present"]) for truth in study_truth]
+        scores[name] = {
+            "studies_with": int(sum(present)),
+            "images_with": int(sum(on_image)),
+            "image_auc": auc_or_none(on_image, image_score),
+            "study_auc_max": auc_or_none(present, [p[:, column].max() for p in probabilities]),
+            "study_auc_mean": auc_or_none(present, [p[:, column].mean() for p in probabilities]),
+        }
+    return scores
+
+
+def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cache_dir: str | Path,
+             limit: int | None = 20) -> dict[str, Any]:
+    """Score the label head of the vision run ``run_dir`` (its ``model/`` and head) on ``data``'s studies."""
+    from tqdm import tqdm
+
+    from finetune import FinetuneError
+    from finetune.data import TrainingRecord, record_visuals
+    from finetune.demo_data import rendered_slice_answers
+    from finetune.vision import LabelledImage, label_probabilities, load_head
+    from longllava.loading import load_model
+
+    run_dir, studies_path = Path(run_dir), Path(data) / STUDIES_FILE
+    if not studies_path.is_file():
+        raise FinetuneError(f"{studies_path} not found: pass a synthetic build folder (python -m finetune.demo_data)")
+    model, processor = load_model(run_dir / "model")
+    head, vocabulary = load_head(model, run_dir)
+    lines = studies_path.read_text().splitlines()[:limit]
+    answers, truths, probabilities = [], [], []
+    for number, line in enumerate(tqdm(lines, desc="probe studies", unit="study"), start=1):
+        study = json.loads(line)
+        where = f"{studies_path}:{number}"
+        record = TrainingRecord(study["id"], (), ct=Path(data) / study["image"], layout="series",
+                                render=dict(render), where=where)
+        visuals = record_visuals(record, cache_dir)
+        images = [LabelledImage(f"{study['id']}_{k}", path, (), where) for k, path in enumerate(visuals.paths)]
+        probabilities.append(label_probabilities(head, images, processor.image_processor).numpy())
+        answers.append(rendered_slice_answers(study["ground_truth"], render, len(visuals.paths)))
+        truths.append(study["ground_truth"]["findings"])
+    label_index = {label: i for i, label in enumerate(vocabulary)}
+    return {"run": str(run_dir), "data": str(data), "render": render, "studies": len(lines),
+            "findings": finding_scores(answers, truths, probabilities, label_index)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [f"vision probe of {result['run']} on {result['studies']} studies of {result['data']} "
+            f"(render {result['render']})",
+            "| finding | studies with | images with | image AUC | study AUC (max) | study AUC (mean) |",
+            "|---|---|---|---|---|---|"]
+    for name, s in result["findings"].items():
+        rows.append(f"| {name} | {s['studies_with']} | {s['images_with']} | {cell(s['image_auc'])} | "
+                    f"{cell(s['study_auc_max'])} | {cell(s['study_auc_mean'])} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.vision_probe", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="output_dir of a stage-'vision' run (model/ and the head)")
+    parser.add_argument("--data", required=True, help="synthetic build folder with ct_test_studies.jsonl")
+    parser.add_argument("--render", default="{num_slices: 16, size: 160}", metavar="YAML",
+                        help="CT render options as the recipes give them (default '{num_slices: 16, size: 160}')")
+    parser.add_argument("--cache-dir", default="build/demo_image_cache", help="image cache for the renders")
+    parser.add_argument("--limit", type=int, default=20, help="first N studies (default 20, the card's)")
+    parser.add_argument("--out", default=None, help="folder for vision_probe.json (default: --run)")
+    args = parser.parse_args(argv)
+    render = yaml.safe_load(args.render)
+    result = probe_ct(args.run, args.data, render, args.cache_dir, args.limit)
+    out = Path(args.out or args.run)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vision_probe.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

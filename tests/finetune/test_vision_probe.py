@@ -1,0 +1,64 @@
+"""finetune.vision_probe: image- and study-level AUC of a vision stage's label head on CT studies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from finetune import FinetuneError
+from finetune.vision_probe import auc_or_none, finding_scores, main
+
+LABELS = ["ct lung nodule", "ct cardiomegaly"]
+
+
+def _truth(nodule: bool) -> dict:
+    return {"Lung nodule": {"present": nodule}, "Cardiomegaly": {"present": False}}
+
+
+def test_finding_scores_pool_image_probabilities_per_study() -> None:
+    # three studies of three images; the nodule studies (0, 2) have it on one image each
+    answers = [["none", "lung nodule (left)", "none"], ["none"] * 3, ["lung nodule (right)", "none", "none"]]
+    truths = [_truth(True), _truth(False), _truth(True)]
+    nodule = [[0.1, 0.9, 0.1], [0.6, 0.6, 0.6], [0.8, 0.0, 0.0]]  # study 1: many weak false positives
+    probabilities = [np.stack([p, np.zeros(3)], axis=1) for p in map(np.asarray, nodule)]
+    scores = finding_scores(answers, truths, probabilities, {label: i for i, label in enumerate(LABELS)})
+    assert set(scores) == {"Lung nodule", "Cardiomegaly"}  # findings without a head label are left out
+    got = scores["Lung nodule"]
+    assert (got["studies_with"], got["images_with"]) == (2, 2)
+    assert got["image_auc"] == pytest.approx(1.0)  # both positive images outscore all seven negatives
+    assert got["study_auc_max"] == pytest.approx(1.0)  # 0.9, 0.8 > 0.6
+    assert got["study_auc_mean"] == pytest.approx(0.0)  # 0.37, 0.27 < 0.6: the mean drowns one image
+    assert scores["Cardiomegaly"]["study_auc_max"] is None  # no study has it: no AUC
+    assert auc_or_none([True, False], [0.2, 0.4]) == pytest.approx(0.0)
+
+
+def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) -> None:
+    from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
+    from finetune.demo_data import build_heldout_subset
+    from finetune.vision import save_head, vision_label_head
+    from longllava.loading import load_model, save_random_model
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    build_heldout_subset(data, n_ct=3, n_rs=0)
+    save_random_model("tiny", run / "model", seed=0)
+    model, _ = load_model(run / "model")
+    labels = [f"ct {name.lower()}" for name in RENDERABLE_FINDINGS]
+    save_head(vision_label_head(model, len(labels), seed=0), labels, run)
+    render = "{num_slices: 4, size: 32, window: slab}"
+    assert main(["--run", str(run), "--data", str(data), "--render", render, "--cache-dir", str(tmp_path / "cache"),
+                 "--limit", "3"]) == 0
+    result = json.loads((run / "vision_probe.json").read_text())
+    assert result["studies"] == 3 and result["render"]["window"] == "slab"
+    studies = [json.loads(line)["ground_truth"]["findings"] for line in (data / "ct_test_studies.jsonl").open()]
+    assert list(result["findings"]) == list(RENDERABLE_FINDINGS)
+    for name, scores in result["findings"].items():
+        assert scores["studies_with"] == sum(study[name]["present"] for study in studies)
+        assert scores["images_with"] <= 4 * scores["studies_with"]  # only a study with it has such images
+        for key in ("image_auc", "study_auc_max", "study_auc_mean"):
+            assert scores[key] is None or 0.0 <= scores[key] <= 1.0
+    table = capsys.readouterr().out
+    assert "| finding | studies with" in table and "Cardiomegaly" in table
+    with pytest.raises(FinetuneError, match="ct_test_studies.jsonl not found"):
+        main(["--run", str(run), "--data", str(tmp_path / "nowhere")])

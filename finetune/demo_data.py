@@ -298,8 +298,8 @@ def _rendered(out: Path, name: str, truths_name: str, render: dict[str, Any], ca
 def _slice_records(out: Path, render: dict[str, Any], cache: Path) -> list[dict[str, Any]]:
     pieces = []
     for record_id, truth, visuals in _rendered(out, "ct_train.json", "ct_train_studies.jsonl", render, cache):
-        for s, (path, answer) in enumerate(zip(visuals.paths, rendered_slice_answers(truth, render, len(visuals.paths)),
-                                               strict=True)):
+        answers = rendered_slice_answers(truth, render, len(visuals.paths))
+        for s, (path, answer) in enumerate(zip(visuals.paths, answers, strict=True)):
             pieces.append(_single(f"{record_id}_s{s:02d}", path, SLICE_QUESTION, answer))
     return pieces
 

@@ -115,12 +115,15 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
+    from finetune.demo_data import DEMO_CACHE_DIR, DEMO_RENDER
+
+    default_render = json.dumps(DEMO_RENDER)  # JSON is YAML
     parser = argparse.ArgumentParser(prog="python -m finetune.vision_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="output_dir of a stage-'vision' run (model/ and the head)")
     parser.add_argument("--data", required=True, help="synthetic build folder with ct_test_studies.jsonl")
-    parser.add_argument("--render", default="{num_slices: 16, size: 160}", metavar="YAML",
-                        help="CT render options as the recipes give them (default '{num_slices: 16, size: 160}')")
-    parser.add_argument("--cache-dir", default="build/demo_image_cache", help="image cache for the renders")
+    parser.add_argument("--render", default=default_render, metavar="YAML",
+                        help=f"CT render options as the recipes give them (default: the demo recipes' {default_render})")
+    parser.add_argument("--cache-dir", default=DEMO_CACHE_DIR, help=f"image cache for the renders (default {DEMO_CACHE_DIR})")
     parser.add_argument("--limit", type=int, default=20, help="first N studies (default 20, the card's)")
     parser.add_argument("--out", default=None, help="folder for vision_probe.json (default: --run)")
     args = parser.parse_args(argv)

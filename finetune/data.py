@@ -246,6 +246,19 @@ def mix_with_replay(
 # Visual inputs (with a render cache for CT studies and rasters)
 
 
+# The render options each kind of source reads; a cached rendering is keyed by these alone, so a CT-only
+# option (``window``) leaves cached satellite tiles valid and a tiling option leaves CT slices valid.
+CT_RENDER_OPTIONS = ("num_slices", "spacing_mm", "window", "size")
+CT_LOAD_OPTIONS = ("ct_rate_metadata",)
+RASTER_RENDER_OPTIONS = ("tile_size", "max_tiles")
+
+
+def render_options(record: TrainingRecord) -> dict:
+    """The part of ``record.render`` its renderer reads (CT: slicing + loading options; raster: tiling)."""
+    names = CT_RENDER_OPTIONS + CT_LOAD_OPTIONS if record.ct is not None else RASTER_RENDER_OPTIONS
+    return {name: record.render[name] for name in names if name in record.render}
+
+
 def _cache_key(source: Path, options: dict) -> str:
     stat = source.stat()
     blob = json.dumps([str(source.resolve()), stat.st_size, stat.st_mtime_ns, options], sort_keys=True)
@@ -277,7 +290,7 @@ def _render_ct(record: TrainingRecord) -> tuple[list, str]:
     from domain_data.medical.ct import load_ct
     from domain_data.medical.slices import ct_to_slices
 
-    options = {k: v for k, v in record.render.items() if k in ("num_slices", "spacing_mm", "window", "size")}
+    options = {k: v for k, v in record.render.items() if k in CT_RENDER_OPTIONS}
     volume = load_ct(record.ct, ct_rate_metadata=record.render.get("ct_rate_metadata"))
     result = ct_to_slices(volume, **options)
     return list(result.images), result.prompt
@@ -286,7 +299,7 @@ def _render_ct(record: TrainingRecord) -> tuple[list, str]:
 def _render_raster(record: TrainingRecord) -> tuple[list, str]:
     from domain_data.remote_sensing.tiling import tile_image
 
-    options = {k: v for k, v in record.render.items() if k in ("tile_size", "max_tiles")}
+    options = {k: v for k, v in record.render.items() if k in RASTER_RENDER_OPTIONS}
     with tile_image(record.raster, **options) as tiled:
         return list(tiled.images()), tiled.prompt
 
@@ -312,7 +325,7 @@ def record_visuals(record: TrainingRecord, cache_dir: str | Path | None = None) 
         raise DataError(f"{record.where}: {kind} {source} not found; fix the path or set image_root")
     if cache_dir is None:
         raise DataError(f"{record.where}: CT / raster records need an image cache folder (cache_dir)")
-    folder = Path(cache_dir) / _cache_key(source, record.render)
+    folder = Path(cache_dir) / _cache_key(source, render_options(record))
     cached = _read_cache(folder)
     if cached is not None:
         return cached

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,25 @@ def test_ct_and_raster_records_render_once_into_cache(tmp_path, synthetic_sets, 
     monkeypatch.setattr(data, "_render_raster", fail)
     assert data.record_visuals(ct, tmp_path / "cache") == ct_visuals
     assert data.record_visuals(scene, tmp_path / "cache") == scene_visuals
+
+
+def test_cache_is_keyed_by_the_options_each_renderer_reads(tmp_path, synthetic_sets, monkeypatch):
+    render = {"num_slices": 3, "size": 56, "tile_size": 56, "max_tiles": 4}
+    ct = data.load_records(synthetic_sets / "ct_train.json", render_defaults=render)[0]
+    scene = data.load_records(synthetic_sets / "rs_train.json", render_defaults=render)[0]
+    ct_visuals, scene_visuals = data.record_visuals(ct, tmp_path / "c"), data.record_visuals(scene, tmp_path / "c")
+    assert set(data.render_options(scene)) == {"tile_size", "max_tiles"}
+
+    def fail(record):
+        raise AssertionError("re-rendered for an option its renderer does not read")
+
+    monkeypatch.setattr(data, "_render_ct", fail)
+    monkeypatch.setattr(data, "_render_raster", fail)
+    # a CT-only option leaves the scene's tiles cached, a tiling option the CT slices
+    assert data.record_visuals(replace(scene, render={**scene.render, "window": "slab"}), tmp_path / "c") == scene_visuals
+    assert data.record_visuals(replace(ct, render={**ct.render, "max_tiles": 9}), tmp_path / "c") == ct_visuals
+    with pytest.raises(AssertionError, match="re-rendered"):  # an option it reads does re-render
+        data.record_visuals(replace(ct, render={**ct.render, "window": "slab"}), tmp_path / "c")
 
 
 def test_replay_mix_is_seeded_and_sized():

@@ -151,10 +151,12 @@ def build_model(
 ) -> tuple[Any, Any]:
     """A randomly initialised model for ``preset`` sized to ``tokenizer``, and its processor.
 
+    The Mamba layers get Mamba's time-step init (:func:`longllava.modeling.init_mamba_time_steps`).
+
     The text vocabulary becomes ``len(tokenizer)`` rounded up to a multiple of 64; pad/bos/eos and the
     image token id follow the tokenizer.
     """
-    from longllava.modeling import LongLlavaForConditionalGeneration
+    from longllava.modeling import LongLlavaForConditionalGeneration, init_mamba_time_steps
     from longllava.processor import LongLlavaProcessor
 
     config = LongLlavaConfig.from_preset(preset) if isinstance(preset, str) else preset
@@ -165,7 +167,9 @@ def build_model(
     text.eos_token_id = tokenizer.eos_token_id
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
-    model = LongLlavaForConditionalGeneration(config).to(dtype).eval()
+    model = LongLlavaForConditionalGeneration(config)
+    init_mamba_time_steps(model, seed=seed)  # transformers' Jamba init leaves the Mamba layers a few tokens' memory
+    model = model.to(dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -65,6 +65,44 @@ def pooled_patch_features(hidden_states: Sequence[torch.Tensor], feature_layer: 
     return pool_patch_grid(patch_features, pooled_grid)
 
 
+# Mamba's time-step init (Gu & Dao 2023; state-spaces/mamba ``dt_min``, ``dt_max``, ``dt_init_floor``).
+# transformers' Jamba zeroes ``dt_proj.bias``, so every channel starts at dt = softplus(0) = 0.69 and, with
+# A = -(1..d_state), forgets a token within a few steps: a from-scratch model's Mamba layers then carry
+# nothing from the images to the question (only its attention layers can read them).
+MAMBA_DT_RANGE = (1e-3, 1e-1)
+MAMBA_DT_FLOOR = 1e-4
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    """y with softplus(y) = x, for x > 0."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+@torch.no_grad()
+def init_mamba_time_steps(model: nn.Module, seed: int = 0, dt_range: tuple[float, float] = MAMBA_DT_RANGE,
+                          dt_floor: float = MAMBA_DT_FLOOR) -> int:
+    """Give every Mamba mixer of ``model`` Mamba's time-step init; returns how many it changed.
+
+    Per channel dt is log-uniform in ``dt_range`` (at least ``dt_floor``) and ``dt_proj.bias`` its inverse
+    softplus, so at zero input the layer keeps a channel's state for about 1/dt tokens (10 to 1,000);
+    ``dt_proj.weight`` is uniform in +-rank**-0.5. Draws from its own generator seeded with ``seed``, so the
+    rest of a seeded random init is unchanged. For models built from random weights; a loaded checkpoint
+    keeps its trained values."""
+    from transformers.models.jamba.modeling_jamba import JambaMambaMixer
+
+    low, high = (torch.log(torch.tensor(bound, dtype=torch.float64)) for bound in dt_range)
+    generator = torch.Generator().manual_seed(seed)
+    mixers = [module for module in model.modules() if isinstance(module, JambaMambaMixer)]
+    for mixer in mixers:
+        weight, bias = mixer.dt_proj.weight, mixer.dt_proj.bias
+        bound = mixer.time_step_rank ** -0.5
+        weight.copy_((torch.rand(weight.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
+        uniform = torch.rand(bias.shape, generator=generator, dtype=torch.float64)
+        dt = torch.exp(low + uniform * (high - low)).clamp(min=dt_floor)
+        bias.copy_(inverse_softplus(dt))
+    return len(mixers)
+
+
 class LongLlavaModel(LlavaModel):
     """LLaVA body with LongLLaVA's pooled image features (see module docstring)."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from transformers import AutoModelForImageTextToText
 
 from longllava import protocol
 from longllava.errors import ModelInputError
+from longllava.loading import build_model
 from longllava.modeling import LongLlavaForConditionalGeneration, pool_patch_grid
 
 
@@ -121,3 +124,40 @@ def test_pre_encoded_images_give_the_same_logits(tiny_model, tiny_processor, ima
         streamed = tiny_model(input_ids=inputs["input_ids"], mm_encoder_outputs=encoded).logits
         direct = tiny_model(**inputs).logits
     torch.testing.assert_close(streamed, direct)
+
+
+def _mamba_memory(mixer, length: int = 48) -> float:
+    """Relative change of a Mamba mixer's output at the last position when only the first input changes."""
+    torch.manual_seed(1)
+    inputs = torch.randn(1, length, mixer.hidden_size)
+    changed = inputs.clone()
+    changed[:, 0] += 3.0
+    with torch.no_grad():
+        last, last_changed = mixer(inputs)[0, -1], mixer(changed)[0, -1]
+    return float((last - last_changed).norm() / last.norm())
+
+
+def test_mamba_time_step_init_gives_the_mamba_layers_a_memory(tokenizer, tiny_config):
+    from transformers.models.jamba.modeling_jamba import JambaMambaMixer
+
+    from longllava.modeling import MAMBA_DT_FLOOR, MAMBA_DT_RANGE, init_mamba_time_steps, inverse_softplus
+
+    x = torch.tensor([1e-4, 1e-2, 0.5, 3.0], dtype=torch.float64)
+    assert torch.allclose(F.softplus(inverse_softplus(x)), x)
+    torch.manual_seed(0)
+    plain = LongLlavaForConditionalGeneration(tiny_config)  # transformers' init: dt_proj.bias = 0
+    initialised = copy.deepcopy(plain)
+    n_mixers = init_mamba_time_steps(initialised, seed=0)
+    assert n_mixers == sum(isinstance(m, JambaMambaMixer) for m in plain.modules()) > 0
+    for (name, before), after in zip(plain.state_dict().items(), initialised.state_dict().values()):
+        assert torch.equal(before, after) == ("dt_proj" not in name), name  # nothing else moves
+    mixer = next(m for m in initialised.modules() if isinstance(m, JambaMambaMixer))
+    dt = F.softplus(mixer.dt_proj.bias.double())
+    assert dt.min() >= max(MAMBA_DT_RANGE[0], MAMBA_DT_FLOOR) * 0.999 and dt.max() <= MAMBA_DT_RANGE[1] * 1.001
+    assert mixer.dt_proj.weight.abs().max() <= mixer.time_step_rank ** -0.5
+    old_mixer = next(m for m in plain.modules() if isinstance(m, JambaMambaMixer))
+    assert torch.all(old_mixer.dt_proj.bias == 0)
+    # 47 tokens later: transformers' init has forgotten the first input, Mamba's init has not
+    assert _mamba_memory(old_mixer) < 1e-6 < 1e-3 < _mamba_memory(mixer)
+    built, _ = build_model("tiny", tokenizer, seed=0)
+    assert F.softplus(next(m for m in built.modules() if isinstance(m, JambaMambaMixer)).dt_proj.bias).max() <= 0.1001

@@ -8,7 +8,13 @@ reports the study-level ROC AUC of that margin and how often the greedy answer i
 over the studies) beats an absent one's. A question-blind readout -- one abnormality score per study
 plus a bias per finding, the failure of items 6 and 8 of the demo model card -- ties every such pair
 (0.5); a readout that reads the asked finding off the images ranks present findings above absent ones
-within the same study (1.0), whatever each study's overall offset. Writes ``readout_probe.json`` into ``--out``.
+within the same study (1.0), whatever each study's overall offset.
+
+It also reports, per layer, how much the answer position's hidden state varies across studies (relative
+to its norm, averaged over the findings asked): a layer whose figure is near zero passes nothing of the
+images to the answer (``answer_state_spread``; index 0 is the token embeddings, always ~0); a model built
+without Mamba's time-step init showed ~1e-7 up to its attention layer. Writes ``readout_probe.json``
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -63,6 +69,14 @@ def readout_scores(margins: np.ndarray, truth: np.ndarray, findings: Sequence[st
     }
 
 
+def relative_spread(states: np.ndarray) -> np.ndarray:
+    """``states`` (studies x layers x hidden) -> per layer, the RMS distance of a study's state from the
+    mean state, over the mean state's norm."""
+    mean = states.mean(axis=0)
+    spread = np.sqrt(((states - mean) ** 2).sum(axis=-1).mean(axis=0))
+    return spread / np.maximum(np.linalg.norm(mean, axis=-1), 1e-12)
+
+
 def _answer_token(tokenizer: Any, prompt: str, answer: str) -> int:
     """The first token of ``answer`` as it follows ``prompt`` (byte-level BPE may merge across the edge)."""
     from finetune import FinetuneError
@@ -101,20 +115,25 @@ def presence_margins(model_path: str, data: str | Path, limit: int | None = 20,
     cache = Path(cache_dir) if cache_dir is not None else Path(data) / "readout_probe_cache"
     margins = np.full((len(studies), len(findings)), np.nan)
     truth = np.zeros_like(margins, dtype=bool)
+    answer_states: dict[int, list[np.ndarray]] = {column: [] for column in range(len(findings))}
     for item in tqdm(items, desc="presence margins", unit="question"):
         prompt, images = item_prompt(item, cache)
         yes, no = _answer_token(tokenizer, prompt, "Yes"), _answer_token(tokenizer, prompt, "No")
         inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
         with torch.inference_mode():
-            logits = model(**inputs).logits[0, -1]
+            output = model(**inputs, output_hidden_states=True)
+        logits = output.logits[0, -1]
         row, column = studies.index(item.reference["study"]), findings.index(item.reference["finding"])
+        answer_states[column].append(torch.stack([h[0, -1] for h in output.hidden_states]).float().numpy())
         margins[row, column] = float(logits[yes] - logits[no])
         truth[row, column] = item.reference["answer"].strip().lower().startswith("yes")
     if np.isnan(margins).any():
         raise FinetuneError(f"{data}: not every study has a presence question for every finding "
                             f"({', '.join(findings)}); the within-study figure needs the full table")
+    spread = np.mean([relative_spread(np.stack(states)) for states in answer_states.values()], axis=0)
     return {"model": str(model_path), "data": str(data), "studies": studies, "findings_order": findings,
             "margins": margins.round(4).tolist(), "truth": truth.tolist(),
+            "answer_state_spread": [float(f"{value:.3g}") for value in spread],
             **readout_scores(margins, truth, findings)}
 
 
@@ -129,6 +148,8 @@ def format_table(result: dict[str, Any]) -> str:
                  f"is asked); pooled AUC {cell(result['pooled_auc'])}; {result['distinct_yes_patterns']} "
                  f"distinct Yes patterns, {result['studies_all_same_answer']} of {len(result['studies'])} "
                  "studies answered alike for every finding")
+    spread = " ".join(f"{value:.1e}" for value in result.get("answer_state_spread", []))
+    lines.append(f"answer-position state, spread across studies / norm, per layer (0 = embeddings): {spread}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from finetune import FinetuneError
-from finetune.readout_probe import finding_centred, main, readout_scores
+from finetune.readout_probe import finding_centred, main, readout_scores, relative_spread
+from longllava.config import LongLlavaConfig
 
 FINDINGS = ["Cardiomegaly", "Emphysema", "Lung nodule"]
 TRUTH = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 0]], dtype=bool)
@@ -33,6 +34,13 @@ def test_a_readout_of_the_asked_finding_ranks_within_studies() -> None:
     assert scores["distinct_yes_patterns"] == 3
 
 
+def test_relative_spread_per_layer() -> None:
+    states = np.zeros((2, 2, 3))
+    states[:, :, 0] = 2.0  # both layers: mean state (2, 0, 0)
+    states[0, 1, 1], states[1, 1, 1] = 0.5, -0.5  # layer 1 varies across the two studies by +-0.5
+    assert relative_spread(states) == pytest.approx([0.0, 0.25])
+
+
 def test_readout_probe_cli_on_a_tiny_model(tmp_path, capsys) -> None:
     from finetune.demo_data import build_heldout_subset
     from longllava.loading import save_random_model
@@ -47,6 +55,9 @@ def test_readout_probe_cli_on_a_tiny_model(tmp_path, capsys) -> None:
     for row, study in zip(result["truth"], truth):
         assert row == [study[name]["present"] for name in result["findings_order"]]
     assert np.isfinite(np.asarray(result["margins"])).all() and len(result["margins"][0]) == 5
+    spread = result["answer_state_spread"]  # embeddings + one per layer of the tiny preset
+    assert len(spread) == 1 + LongLlavaConfig.from_preset("tiny").text_config.num_hidden_layers
+    assert spread[0] < 1e-5 < max(spread)  # the same question token everywhere; the images reach later layers
     assert "within-study AUC" in capsys.readouterr().out
     with pytest.raises(FinetuneError, match="no CT presence questions"):
         (tmp_path / "empty").mkdir()

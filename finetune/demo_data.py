@@ -73,8 +73,10 @@ SHUFFLED_COPIES = 3
 # became "Yes" exactly for the cardiomegaly studies: model card, "How it got here" item 6)
 FOLLOW_UP_COPIES = 0
 FOLLOW_UP_SOURCES = ("ct_train.json",)
-# how the demo recipes render CT studies (16 slices of 160 px) and scenes (336-px tiles, at most 16)
-DEMO_RENDER: dict[str, int] = {"num_slices": 16, "size": 160, "tile_size": 336, "max_tiles": 16}
+# how the demo recipes render CT studies (16 slabs of 160 px: MinIP / average / MIP of consecutive planes,
+# model card item 8) and scenes (336-px tiles, at most 16)
+DEMO_RENDER: dict[str, int | str] = {"num_slices": 16, "size": 160, "window": "slab", "tile_size": 336,
+                                     "max_tiles": 16}
 DEMO_CACHE_DIR = "build/demo_image_cache"
 SLICE_QUESTION = "Which findings does this CT slice show? Answer the findings with their side, or none."
 TILE_QUESTION = "How many ships, storage tanks and buildings does this tile show? Answer with three numbers."
@@ -521,14 +523,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="follow-up-only versions of each CT study in ct_train_shuffled.json (default 0)")
     parser.add_argument("--vision-needles", type=int, default=NIAH_VISION_NEEDLES,
                         help=f"single needle images only stage 1 sees (default {NIAH_VISION_NEEDLES})")
-    parser.add_argument("--ct-window", choices=("multi", "slab"), default="multi",
-                        help="how single_train.json / vision_train.json render CT studies: 'multi' (sampled "
-                        "planes, the shipped recipes) or 'slab' (MinIP / average / MIP of consecutive slabs; "
-                        "the stage-3 recipe's render must then say window: slab too)")
+    parser.add_argument("--ct-window", choices=("multi", "slab"), default=DEMO_RENDER["window"],
+                        help="how single_train.json / vision_train.json render CT studies: 'slab' (MinIP / "
+                        "average / MIP of consecutive slabs, the shipped recipes) or 'multi' (sampled planes; "
+                        "the recipes' render must then say window: multi too)")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
     args = parser.parse_args(argv)
-    render = dict(DEMO_RENDER, window="slab") if args.ct_window == "slab" else DEMO_RENDER
+    render = dict(DEMO_RENDER, window=args.ct_window)
     if args.records_only:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render)]

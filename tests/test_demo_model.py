@@ -245,8 +245,9 @@ def test_slice_findings_answer_follows_the_ground_truth_spans_and_nodules():
     assert slice_findings_answer(findings, 14.0, 36) == "lung nodule (both), cardiomegaly"  # touches both
     truth = {"shape_zyx": [64, 8, 8], "findings": findings}
     # 4 sampled planes 0, 21, 42, 63; 4 slabs 0-15, 16-31, 32-47, 48-63
-    assert rendered_slice_answers(truth, DEMO_RENDER, 4) == ["none", "cardiomegaly", "cardiomegaly", "none"]
-    assert rendered_slice_answers(truth, {**DEMO_RENDER, "window": "slab"}, 4) == [
+    assert rendered_slice_answers(truth, {**DEMO_RENDER, "window": "multi"}, 4) == [
+        "none", "cardiomegaly", "cardiomegaly", "none"]
+    assert rendered_slice_answers(truth, DEMO_RENDER, 4) == [
         "lung nodule (left), cardiomegaly", "cardiomegaly", "lung nodule (right), cardiomegaly", "cardiomegaly"]
     findings["Lung nodule"]["details"]["nodules"][1]["slices"] = [12, 16]
     assert slice_findings_answer(findings, 13.0).startswith("lung nodule (both)")

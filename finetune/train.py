@@ -496,6 +496,11 @@ def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: 
     return data.ConversationDataset(samples, loader, recipe.max_length, pack=recipe.pack)
 
 
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The global step a ``checkpoint-N`` folder was saved at."""
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
 def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """Train as the recipe says; returns the summary written to ``training_summary.json``."""
     import torch
@@ -540,7 +545,9 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
         "saved_to": str(final_dir), "global_step": trainer.state.global_step,
         "resumed_from": str(checkpoint) if resume else None, "train_samples": len(getattr(dataset, "samples", dataset)),
         "train_examples_after_packing": len(dataset), "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "train_loss": result.training_loss,
+        "last_loss": losses[-1] if losses else None,
+        # Trainer's mean loss covers only the steps this call ran: from the checkpoint's step on a resume
+        "train_loss": result.training_loss, "train_loss_since_step": _checkpoint_step(checkpoint) if resume else 0,
         "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad),
     }
     if trainer.is_world_process_zero():

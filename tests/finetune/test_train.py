@@ -128,8 +128,10 @@ def test_resume_continues_from_saved_step(tmp_path, colour_set, make_recipe, ful
         run_training(recipe)
     summary = run_training(recipe, resume=True)
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
+    assert summary["train_loss_since_step"] == 2  # Trainer's mean loss covers steps 3-4 only
     rows = read_loss_csv(tmp_path / "run" / "loss.csv")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 3 logged once, after the resume
+    assert summary["train_loss"] == pytest.approx((rows[2]["loss"] + rows[3]["loss"]) / 2, rel=1e-3)
     reference = read_loss_csv(f"{reference_recipe.output_dir}/loss.csv")
     # Continues the uninterrupted run exactly: same weights (MoE experts included), optimizer state,
     # schedule and data order.

@@ -471,9 +471,14 @@ def _trainer_class() -> Any:
     return LongLlavaTrainer
 
 
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The global step a ``checkpoint-N`` folder was saved at."""
+    return int(checkpoint.name.split("-")[1])
+
+
 def last_checkpoint(output_dir: Path) -> Path | None:
     """The highest ``checkpoint-N`` folder in ``output_dir``, if any."""
-    found = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
+    found = [(_checkpoint_step(p), p) for p in output_dir.glob("checkpoint-*")
              if p.is_dir() and p.name.split("-")[1].isdigit()]
     return max(found)[1] if found else None
 
@@ -494,11 +499,6 @@ def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: 
     samples = data.encode_records(records, encoder, cache_dir, progress=_is_main_process())
     loader = data.processor_image_loader(processor.image_processor)
     return data.ConversationDataset(samples, loader, recipe.max_length, pack=recipe.pack)
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    """The global step a ``checkpoint-N`` folder was saved at."""
-    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:

@@ -1,0 +1,49 @@
+"""finetune.layer_probe: per layer, is a finding linearly readable from the image tokens / the answer position?"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from finetune import FinetuneError
+from finetune.layer_probe import PARTS, main, probe_aucs
+from longllava.config import LongLlavaConfig
+
+
+def test_probe_aucs_reads_a_finding_carried_by_one_feature() -> None:
+    rng = np.random.default_rng(0)
+    train_y = np.array([[i % 2, 1] for i in range(40)], dtype=bool)  # column 1: one class only
+    test_y = np.array([[i % 2, 1] for i in range(20)], dtype=bool)
+    train_x, test_x = rng.normal(size=(40, 6)), rng.normal(size=(20, 6))
+    train_x[:, 2] += 3.0 * train_y[:, 0]
+    test_x[:, 2] += 3.0 * test_y[:, 0]
+    aucs = probe_aucs(train_x, train_y, test_x, test_y)
+    assert aucs[0] > 0.95 and aucs[1] is None
+    shuffled = probe_aucs(train_x, train_y, rng.normal(size=(20, 6)), test_y)  # test features carry nothing
+    assert shuffled[0] < 0.9
+
+
+def test_layer_probe_cli_on_a_tiny_model(tmp_path, capsys) -> None:
+    from domain_data.synthetic.build import build_synthetic_sets
+    from finetune.demo_data import DEMO_BUILD, build_heldout_subset
+    from longllava.loading import save_random_model
+
+    train, data, model = tmp_path / "train", tmp_path / "data", tmp_path / "run" / "model"
+    options = {k: v for k, v in DEMO_BUILD.items() if not k.startswith(("n_ct_", "n_rs_"))}
+    build_synthetic_sets(train, n_ct_train=4, n_ct_test=0, n_rs_train=0, n_rs_test=0, **options)
+    build_heldout_subset(data, n_ct=2, n_rs=0)
+    save_random_model("tiny", model, seed=0)
+    assert main(["--model", str(model), "--train", str(train), "--data", str(data), "--n-train", "4"]) == 0
+    result = json.loads((tmp_path / "run" / "layer_probe.json").read_text())
+    assert (result["n_train"], result["n_test"]) == (4, 2) and len(result["findings"]) == 5
+    assert len(result["layers"]) == 1 + LongLlavaConfig.from_preset("tiny").text_config.num_hidden_layers
+    for layer in result["layers"]:
+        assert set(layer) == set(PARTS)
+        assert all(v is None or 0.0 <= v <= 1.0 for part in layer.values() for v in part.values())
+    # the embedding of the same question token in every study carries nothing: ties (0.5) or one class
+    assert all(v in (None, 0.5) for v in result["layers"][0]["answer position"].values())
+    assert "answer position" in capsys.readouterr().out
+    with pytest.raises(FinetuneError, match="ct_train_studies.jsonl: missing"):
+        main(["--model", str(model), "--train", str(tmp_path / "nowhere"), "--data", str(data)])

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.vision_probe import auc_or_none
+from finetune.vision_probe import auc_or_none, write_probe_result
 
 RESULT_FILE = "layer_probe.json"
 PARTS = ("image mean", "answer position")
@@ -150,12 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for layer_probe.json (default: the model folder's parent)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.model).resolve().parent
-    out.mkdir(parents=True, exist_ok=True)
     result = layer_probe(args.model, args.train, args.data, args.n_train, args.limit, args.question,
                          work_dir=out / "layer_probe_work", cache_dir=args.cache_dir)
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
-    print(format_table(result))
-    print(f"wrote {out / RESULT_FILE}")
+    write_probe_result(out, RESULT_FILE, result, format_table(result))
     return 0
 
 

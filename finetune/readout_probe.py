@@ -20,14 +20,13 @@ into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from finetune.vision_probe import auc_or_none
+from finetune.vision_probe import auc_or_none, write_probe_result
 
 PRESENCE_KIND = "presence"
 RESULT_FILE = "readout_probe.json"
@@ -161,11 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for readout_probe.json (default: the model folder's parent)")
     args = parser.parse_args(argv)
     result = presence_margins(args.model, args.data, args.limit)
-    out = Path(args.out) if args.out else Path(args.model).resolve().parent
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
-    print(format_table(result))
-    print(f"wrote {out / RESULT_FILE}")
+    write_probe_result(args.out or Path(args.model).resolve().parent, RESULT_FILE, result, format_table(result))
     return 0
 
 

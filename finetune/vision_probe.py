@@ -38,6 +38,16 @@ def auc_or_none(truth: Sequence[bool], score: Sequence[float]) -> float | None:
     return float(roc_auc_score(truth, np.asarray(score, dtype=np.float64)))
 
 
+def write_probe_result(out: str | Path, file_name: str, result: dict[str, Any], table: str) -> Path:
+    """Save a probe's ``result`` as ``out/file_name`` (JSON) and print its ``table`` and where it went."""
+    path = Path(out) / file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(table)
+    print(f"wrote {path}")
+    return path
+
+
 def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence[dict[str, Any]],
                    probabilities: Sequence[np.ndarray], label_index: dict[str, int]) -> dict[str, dict[str, Any]]:
     """Per rendered finding: image-level AUC and study-level AUC of the max / mean probability.
@@ -129,10 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     render = yaml.safe_load(args.render)
     result = probe_ct(args.run, args.data, render, args.cache_dir, args.limit)
-    out = Path(args.out or args.run)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vision_probe.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(format_table(result))
+    write_probe_result(args.out or args.run, "vision_probe.json", result, format_table(result))
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.vision_probe import auc_or_none, write_probe_result
+from finetune.vision_probe import STUDIES_FILE, auc_or_none, write_probe_result
 
 RESULT_FILE = "layer_probe.json"
 PARTS = ("image mean", "answer position")
@@ -95,14 +95,19 @@ def layer_probe(model_path: str, train_data: str | Path, data: str | Path, n_tra
                 cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Per layer and part, the held-out AUC of each finding (see the module docstring). ``work_dir`` gets
     the question files; ``cache_dir`` (default: inside ``work_dir``) the rendered studies."""
+    from finetune import FinetuneError
     from finetune.evaluate import model_render_defaults
     from finetune.merge import load_trained
     from finetune.train import install_fast_scan_if_available
 
     work = Path(work_dir) if work_dir is not None else Path(data) / "layer_probe_work"
     work.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else work / "image_cache"
     train_studies, findings, train_y = study_truth(Path(train_data) / "ct_train_studies.jsonl", n_train)
-    test_studies, test_findings, test_y = study_truth(Path(data) / "ct_test_studies.jsonl", limit)
+    test_studies, test_findings, test_y = study_truth(Path(data) / STUDIES_FILE, limit)
+    if test_findings != findings:  # the probes pair truth columns by position
+        raise FinetuneError(f"{data} names the findings {test_findings}, {train_data} {findings}; "
+                            "pass two builds of the same generator")
     install_fast_scan_if_available()
     model, processor = load_trained(model_path)
     render = model_render_defaults(model_path)
@@ -111,7 +116,6 @@ def layer_probe(model_path: str, train_data: str | Path, data: str | Path, n_tra
         records = work / f"{split}_questions.jsonl"
         rows = question_records(studies, question, Path(root))
         records.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cache = Path(cache_dir) if cache_dir is not None else work / "image_cache"
         features[split] = layer_states(model, processor, records, render, cache)
     layers = []
     for layer in range(features["train"].shape[1]):
@@ -120,7 +124,7 @@ def layer_probe(model_path: str, train_data: str | Path, data: str | Path, n_tra
                        for p, part in enumerate(PARTS)})
     return {"model": str(model_path), "train_data": str(train_data), "data": str(data), "question": question,
             "n_train": len(train_studies), "n_test": len(test_studies), "findings": findings,
-            "test_present": dict(zip(test_findings, test_y.sum(axis=0).tolist())), "layers": layers}
+            "test_present": dict(zip(findings, test_y.sum(axis=0).tolist())), "layers": layers}
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -8,7 +8,8 @@ Every bench prints a table (or one JSON document with ``--json``) and measures, 
   slices of a (b, d, L, n) tensor); above ``--max-ref-backward-tokens`` its time is extrapolated
   from the largest measured length (marked ``est.``), and the linear-time step-by-step PyTorch
   reference (:func:`longllava.scan.selective_scan_ref`) is measured for real beside it.
-* ``scaling``: prefill seconds per token of the demo-size hybrid Jamba (1 attention layer in 8) and a
+* ``scaling``: prefill seconds per token of a demo-width hybrid Jamba (1 attention layer in
+  ``--attention-every`` = 8, LongLLaVA's 1:7 ratio, whatever the preset's own layout) and a
   pure-attention model of the same width and depth (``attn_layer_period=1``), side by side, with the
   peak RSS of each run; runs whose estimated time exceeds ``--budget-s`` are skipped and say so.
 * ``images``: N images through the demo preset (random weights) with :class:`LongContextSession`:
@@ -57,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scaling.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths (8192 32768 131072)")
     scaling.add_argument("--budget-s", type=float, default=300.0, help="skip runs estimated to take longer")
     scaling.add_argument("--preset", default="demo", help="model shape (a LongLlavaConfig preset)")
+    scaling.add_argument("--attention-every", type=int, default=8,
+                         help="the hybrid's layout: one attention layer in N (8: LongLLaVA's 1:7)")
     scaling.add_argument("--quick", action="store_true", help="toy size: 2 layers, default lengths 256 512")
 
     images = _add_bench(benches, "images", "N images through the demo preset", run_images_command)
@@ -343,10 +346,15 @@ def run_scan_command(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _text_config(preset: str, pure_attention: bool, quick: bool):
+def _text_config(preset: str, pure_attention: bool, quick: bool, attention_every: int = 8):
     from longllava.config import LongLlavaConfig
+    from longllava.errors import ModelInputError
 
     text = LongLlavaConfig.from_preset(preset).text_config
+    if not 1 <= attention_every <= 2 * text.num_hidden_layers - 1:
+        raise ModelInputError(f"--attention-every {attention_every}: choose 1..{2 * text.num_hidden_layers - 1} "
+                              f"(one attention layer in N of the {text.num_hidden_layers} layers)")
+    text.attn_layer_period, text.attn_layer_offset = attention_every, attention_every // 2
     if quick:
         text.num_hidden_layers = 2
         text.attn_layer_period, text.attn_layer_offset = 2, 1
@@ -362,7 +370,8 @@ def _attention_chunk(text_config, length: int) -> int:
     return int(max(256, min(8192, 1 << max(8, int(math.log2(max(budget, 1)))))))
 
 
-def scaling_run(preset: str, pure_attention: bool, length: int, quick: bool) -> dict[str, Any]:
+def scaling_run(preset: str, pure_attention: bool, length: int, quick: bool,
+                attention_every: int = 8) -> dict[str, Any]:
     """Prefill ``length`` random embeddings through a random Jamba body in chunks; seconds per token."""
     import torch
     from transformers import JambaModel
@@ -372,7 +381,7 @@ def scaling_run(preset: str, pure_attention: bool, length: int, quick: bool) -> 
 
     install_fast_scan()
     torch.manual_seed(0)
-    text = _text_config(preset, pure_attention, quick)
+    text = _text_config(preset, pure_attention, quick, attention_every)
     model = JambaModel(text).eval()
     chunk = _attention_chunk(text, length)
     generator = torch.Generator().manual_seed(1)
@@ -410,9 +419,10 @@ def run_scaling_command(args: argparse.Namespace) -> int:
                              f"{args.budget_s:.0f} s (quadratic extrapolation from {previous['length']} tokens)"})
                 continue
             previous = run_isolated(scaling_run, args.in_process, preset=args.preset, pure_attention=pure_attention,
-                                    length=length, quick=args.quick)
+                                    length=length, quick=args.quick, attention_every=args.attention_every)
             runs.append(previous)
-    payload = {"bench": "scaling", "machine": machine_description(), "preset": args.preset, "runs": runs}
+    payload = {"bench": "scaling", "machine": machine_description(), "preset": args.preset,
+               "attention_every": args.attention_every, "runs": runs}
     by_key = {(r["model"], r["length"]): r for r in runs}
     rows = []
     for length in lengths:

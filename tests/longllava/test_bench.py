@@ -11,6 +11,7 @@ import pytest
 
 from longllava import bench
 from longllava.cli import main
+from longllava.errors import ModelInputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +42,15 @@ def test_bench_scaling_skips_over_budget(capsys):
     payload = run_json(capsys, "scaling", "--quick", "--budget-s", "0")
     skipped = [r for r in payload["runs"] if "skipped" in r]
     assert [r["length"] for r in skipped] == [512, 512]  # the second length of each model is over budget
+
+
+def test_bench_scaling_hybrid_layout_is_its_own_not_the_presets():
+    # the README's table is LongLLaVA's 1:7 ratio at demo width, whatever the demo preset's layout
+    assert bench._text_config("demo", False, False).layers_block_type.count("attention") == 1
+    assert bench._text_config("demo", False, False, attention_every=4).layers_block_type.count("attention") == 2
+    assert bench._text_config("demo", True, False).layers_block_type.count("attention") == 8
+    with pytest.raises(ModelInputError, match="--attention-every 0"):
+        bench._text_config("demo", False, False, attention_every=0)
 
 
 def test_bench_images_quick(capsys):

@@ -82,6 +82,11 @@ class CTStudy:
     findings: dict[str, str] = field(default_factory=dict)
     findings_raw: str = ""
     cache_key: str = field(default_factory=lambda: uuid.uuid4().hex)  # its encoded slices in the shared cache
+    model_image_noun: str = "slices"  # what each model image is: "slices", or "slabs" (projections of planes)
+
+    def model_images(self) -> str:
+        """'16 slabs' / '64 slices': what the model is fed, in the status lines."""
+        return f"{len(self.model_slices)} {self.model_image_noun}"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -112,7 +117,7 @@ def stage_upload(paths: list[Path], workdir: Path) -> Path:
 def load_study(paths: list[Path], config: AppConfig, slice_size: int) -> CTStudy:
     """Read an uploaded study and prepare the model's slices and the viewer's volume."""
     from domain_data.medical.ct import load_ct
-    from domain_data.medical.slices import ct_to_slices
+    from domain_data.medical.slices import SLAB_WINDOW, ct_to_slices
 
     check_upload_size(paths, config.max_upload_mb)
     with tempfile.TemporaryDirectory(prefix="ct-upload-", dir=_work_root(config)) as workdir:
@@ -128,6 +133,7 @@ def load_study(paths: list[Path], config: AppConfig, slice_size: int) -> CTStudy
         visual_prompt=slices.prompt,
         viewer_hu=decimate_for_viewer(hu),
         summary=summary,
+        model_image_noun="slabs" if config.window == SLAB_WINDOW else "slices",
     )
 
 
@@ -327,7 +333,7 @@ class CTHandlers:
         middle = depth // 2
         LOG.info("ct study loaded: %d slices, %d for the model", depth, len(study.model_slices))
         slider = gr.Slider(minimum=0, maximum=max(depth - 1, 1), value=middle, step=1)
-        return (study, f"{note} {len(study.model_slices)} slices ready for the model.", summary_markdown(study),
+        return (study, f"{note} {study.model_images()} ready for the model.", summary_markdown(study),
                 slider, slice_view(study, middle, window_name), montage_view(study, window_name), [], None, "", "")
 
     def on_upload(self, files: Any, window_name: str, progress: Any = None) -> tuple:
@@ -357,11 +363,10 @@ class CTHandlers:
         if not text:
             raise AppInputError("type a question about the study first")
         asked = chat_history(study) + [{"role": "user", "content": text}]
-        count = len(study.model_slices)
-        _report(progress, 0.0, f"Encoding {count} slices")
+        _report(progress, 0.0, f"Encoding {study.model_images()}")
         cached = study.cache_key in self.shared.features
-        yield asked, "Answering (slices already encoded)…" if cached else f"Encoding {count} slices and answering…", \
-            "", study
+        yield asked, (f"Answering ({study.model_image_noun} already encoded)…" if cached
+                      else f"Encoding {study.model_images()} and answering…"), "", study
         started = time.perf_counter()
         answer = ""
         for piece in stream_answer(self.shared, model_messages(study, text), study.model_slices,
@@ -381,9 +386,8 @@ class CTHandlers:
         import gradio as gr
 
         study = _require_study(study)
-        count = len(study.model_slices)
-        _report(progress, 0.0, f"Encoding {count} slices")
-        yield gr.skip(), f"Running the findings checklist over {count} slices…", study, gr.skip(), gr.skip()
+        _report(progress, 0.0, f"Encoding {study.model_images()}")
+        yield gr.skip(), f"Running the findings checklist over {study.model_images()}…", study, gr.skip(), gr.skip()
         messages = [{"role": "user", "content": f"{study.visual_prompt}\n{findings_question()}"}]
         raw = "".join(stream_answer(self.shared, messages, study.model_slices,
                                     self.config.findings_max_new_tokens, progress_bridge(progress),

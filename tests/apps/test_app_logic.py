@@ -46,6 +46,16 @@ def test_dicom_files_and_zip_load_with_capped_slices_and_no_identifiers(study_fi
         assert "series_uid" not in shown
 
 
+def test_status_names_what_the_model_is_fed(study_files, config) -> None:
+    from dataclasses import replace
+
+    from apps.ct_app import load_study
+
+    assert load_study([study_files.nifti], config, slice_size=56).model_images() == "4 slices"
+    slabs = load_study([study_files.nifti], replace(config, window="slab"), slice_size=56)
+    assert slabs.model_images() == "4 slabs" and "slab" in slabs.summary["slices_for_model_note"]
+
+
 def test_viewer_windows_and_montage(study_files, config) -> None:
     from apps.ct_app import load_study, montage_view, slice_view
 

@@ -26,7 +26,9 @@ and the held-out sets its model card is scored on:
   and ``vision_train.json``, the same images with the answers as label names (stage 1, the vision
   tower's pretraining, :func:`vision_records`); ``--vision-needles N`` adds N single needle images
   (``niah_vision/``, :func:`vision_needle_records`) that only stage 1 sees (the shipped recipe uses none:
-  model card, "How it got here" item 7). It renders the CT
+  model card, "How it got here" item 7); ``--slab-presence`` first asks each CT image the five presence
+  questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped recipes: item 13).
+  It renders the CT
   studies and scenes into the training image cache (:data:`DEMO_CACHE_DIR`).
 
 Same arguments -> the same files (every draw is seeded).
@@ -73,6 +75,7 @@ SHUFFLED_COPIES = 3
 # became "Yes" exactly for the cardiomegaly studies: model card, "How it got here" item 6)
 FOLLOW_UP_COPIES = 0
 FOLLOW_UP_SOURCES = ("ct_train.json",)
+SLAB_PRESENCE = False  # stage 2: also ask the five presence questions about every CT image (measured, off)
 # how the demo recipes render CT studies (16 slabs of 160 px: MinIP / average / MIP of consecutive planes,
 # model card item 8) and scenes (336-px tiles, at most 16)
 DEMO_RENDER: dict[str, int | str] = {"num_slices": 16, "size": 160, "window": "slab", "tile_size": 336,
@@ -297,12 +300,35 @@ def _rendered(out: Path, name: str, truths_name: str, render: dict[str, Any], ca
             for r in tqdm(records, desc=f"render {name}", unit="source")]
 
 
-def _slice_records(out: Path, render: dict[str, Any], cache: Path) -> list[dict[str, Any]]:
+def slab_presence_turns(answer: str, rng: np.random.Generator) -> list[dict[str, str]]:
+    """A presence question about each renderable finding, as (human, gpt) turns for the CT image whose
+    findings are ``answer`` (:func:`slice_findings_answer`): in ``rng``'s order, each in one of the
+    whole-study questions' wordings (:func:`domain_data.synthetic.qa.presence_question`), answered from
+    that image's own findings ("Yes" when the finding reaches any of its planes)."""
+    from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
+    from domain_data.synthetic.qa import presence_question, yes_no
+
+    shown = {item.partition(" (")[0] for item in answer.split(", ")} if answer != "none" else set()
+    turns = []
+    for k in rng.permutation(len(RENDERABLE_FINDINGS)):
+        name = RENDERABLE_FINDINGS[k]
+        turns += [{"from": "human", "value": presence_question(name, int(rng.integers(3)))},
+                  {"from": "gpt", "value": yes_no(name.lower() in shown)}]
+    return turns
+
+
+def _slice_records(out: Path, render: dict[str, Any], cache: Path, presence_turns: bool = False,
+                   seed: int = 0) -> list[dict[str, Any]]:
     pieces = []
-    for record_id, truth, visuals in _rendered(out, "ct_train.json", "ct_train_studies.jsonl", render, cache):
+    rendered = _rendered(out, "ct_train.json", "ct_train_studies.jsonl", render, cache)
+    for study, (record_id, truth, visuals) in enumerate(rendered):
         answers = rendered_slice_answers(truth, render, len(visuals.paths))
         for s, (path, answer) in enumerate(zip(visuals.paths, answers, strict=True)):
-            pieces.append(_single(f"{record_id}_s{s:02d}", path, SLICE_QUESTION, answer))
+            piece = _single(f"{record_id}_s{s:02d}", path, SLICE_QUESTION, answer)
+            if presence_turns:  # the presence questions first, so the listing cannot give them away
+                turns = slab_presence_turns(answer, np.random.default_rng([seed, 23, study, s]))
+                piece["conversations"] = turns + piece["conversations"]
+            pieces.append(piece)
     return pieces
 
 
@@ -334,16 +360,19 @@ def _needle_records(out: Path) -> list[dict[str, Any]]:
 
 
 def single_image_records(out_dir: str | Path, cache_dir: str | Path, render: dict[str, Any] | None = None,
-                         seed: int = 0) -> list[dict[str, Any]]:
+                         seed: int = 0, slab_presence: bool = SLAB_PRESENCE) -> list[dict[str, Any]]:
     """One-image records for the vision warm-up, in a seeded shuffled order: every rendered CT slice
     with the findings it crosses (:func:`slice_findings_answer`), every satellite tile (not the
     thumbnail) with its object counts (:func:`tile_counts_answer`), and from each NIAH record its first
-    image when that is a haystack ("none") and its needle image. CT studies and scenes are rendered with
+    image when that is a haystack ("none") and its needle image. With ``slab_presence`` each CT image's
+    record first asks the five presence questions (:func:`slab_presence_turns`). CT studies and scenes
+    are rendered with
     ``render`` (default :data:`DEMO_RENDER`) into ``cache_dir``: give the training run's image cache so
     the whole-study stage reuses the renders. Image paths are absolute."""
     out, cache = Path(out_dir).resolve(), Path(cache_dir).resolve()
     render = dict(DEMO_RENDER if render is None else render)
-    pieces = _slice_records(out, render, cache) + _tile_records(out, render, cache) + _needle_records(out)
+    pieces = _slice_records(out, render, cache, slab_presence, seed)
+    pieces += _tile_records(out, render, cache) + _needle_records(out)
     order = np.random.default_rng([seed, 13]).permutation(len(pieces))
     return [pieces[i] for i in order]
 
@@ -383,7 +412,7 @@ def vision_records(single_records: Sequence[dict[str, Any]]) -> list[dict[str, A
     ``niah needle``, ``niah colour <c>``, ``niah shape <s>`` (a haystack image: none)."""
     out = []
     for record in single_records:
-        question, answer = (turn["value"] for turn in record["conversations"])
+        question, answer = (turn["value"] for turn in record["conversations"][-2:])  # the listing comes last
         labeller = VISION_LABELLERS.get(question)
         if labeller is None:
             raise DemoDataError(f"{record['id']}: no vision labels for the question {question!r}")
@@ -418,13 +447,13 @@ def vision_needle_records(out_dir: str | Path, n_needles: int = NIAH_VISION_NEED
 
 
 def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
-                               vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None
-                               ) -> Path:
+                               vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
+                               slab_presence: bool = SLAB_PRESENCE) -> Path:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
     (:func:`vision_needle_records`) shuffled in (seeded). Returns the first."""
-    records = single_image_records(out_dir, cache_dir, render, seed=seed)
+    records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
     vision = records
     if vision_needles:
         vision = records + vision_needle_records(out_dir, vision_needles, seed)
@@ -483,8 +512,8 @@ def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, p
 
 def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                     cache_dir: str | Path = DEMO_CACHE_DIR, follow_up_copies: int = FOLLOW_UP_COPIES,
-                    vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None
-                    ) -> dict[str, Any]:
+                    vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
+                    slab_presence: bool = SLAB_PRESENCE) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
     both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
@@ -496,7 +525,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
-    write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render)
+    write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence)
     return manifest
 
 
@@ -527,18 +556,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="how single_train.json / vision_train.json render CT studies: 'slab' (MinIP / "
                         "average / MIP of consecutive slabs, the shipped recipes) or 'multi' (sampled planes; "
                         "the recipes' render must then say window: multi too)")
+    parser.add_argument("--slab-presence", action=argparse.BooleanOptionalAction, default=SLAB_PRESENCE,
+                        help="single_train.json asks the five presence questions about every CT image before "
+                        f"its findings (default {'on' if SLAB_PRESENCE else 'off'})")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
     args = parser.parse_args(argv)
     render = dict(DEMO_RENDER, window=args.ct_window)
     if args.records_only:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
-            write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render)]
+            write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
+                                       args.slab_presence)]
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
     manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
-                               args.vision_needles, render)
+                               args.vision_needles, render, args.slab_presence)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

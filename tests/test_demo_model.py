@@ -266,7 +266,7 @@ def test_single_image_records_label_every_slice_tile_and_needle(tiny_build, tmp_
     assert records == single_image_records(tiny_build, tmp_path / "cache")  # seeded
     by_kind = {kind: [r for r in records if r["id"].startswith(kind)] for kind in ("ct", "rs", "niah")}
     assert len(by_kind["ct"]) == 2 * DEMO_RENDER["num_slices"]
-    assert all(r["conversations"][0]["value"] == SLICE_QUESTION for r in by_kind["ct"])
+    assert all(r["conversations"][-2]["value"] == SLICE_QUESTION for r in by_kind["ct"])  # the listing last
     scene = json.loads((tiny_build / "rs_train_scenes.jsonl").read_text().splitlines()[0])["ground_truth"]
     assert len(by_kind["rs"]) == scene["grid"]["rows"] * scene["grid"]["cols"]
     totals = dict.fromkeys(scene["counts"], 0)
@@ -282,6 +282,32 @@ def test_single_image_records_label_every_slice_tile_and_needle(tiny_build, tmp_
     assert all("needle_" in r["images"][0] and r["conversations"][0]["value"] == NEEDLE_QUESTION for r in needles)
     assert all("hay_" in r["images"][0] for r in by_kind["niah"] if r not in needles)
     assert all(Path(r["images"][0]).is_absolute() and Path(r["images"][0]).is_file() for r in records)
+
+
+def test_slab_presence_turns_ask_every_finding_and_agree_with_the_listing(tiny_build, tmp_path):
+    from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
+
+    plain = single_image_records(tiny_build, tmp_path / "cache", slab_presence=False)
+    asked = single_image_records(tiny_build, tmp_path / "cache", slab_presence=True)
+    assert asked == single_image_records(tiny_build, tmp_path / "cache", slab_presence=True)  # seeded
+    assert [r["id"] for r in plain] == [r["id"] for r in asked]
+    assert vision_records(plain) == vision_records(asked)  # stage 1 sees the same labels either way
+    ct = [(p, a) for p, a in zip(plain, asked, strict=True) if p["id"].startswith("ct")]
+    orders, answers = set(), []
+    for before, after in ct:
+        turns = after["conversations"]
+        assert len(turns) == 12 and turns[-2:] == before["conversations"]
+        listing = turns[-1]["value"]
+        named = []
+        for question, answer in zip(turns[0:10:2], turns[1:10:2], strict=True):
+            name = next(n for n in RENDERABLE_FINDINGS if n.lower().split()[-1] in question["value"].lower())
+            named.append(name)
+            assert answer["value"] == ("Yes" if name.lower() in listing else "No"), (after["id"], question)
+            answers.append(answer["value"])
+        assert sorted(named) == sorted(RENDERABLE_FINDINGS)
+        orders.add(tuple(named))
+    assert len(orders) > 1 and {"Yes", "No"} <= set(answers)  # shuffled per image; both answers occur
+    assert all(p == a for p, a in zip(plain, asked, strict=True) if not p["id"].startswith("ct"))
 
 
 def test_vision_needles_are_balanced_new_images_seen_only_by_the_vision_stage(tiny_build, tmp_path):
@@ -319,6 +345,10 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     assert len(files["vision_train.json"]) == len(files["single_train.json"]) + 2  # 500 x 0.004 needles
     assert len(files["ct_train_shuffled.json"]) == 2 * 3 and len(files["niah_train.json"]) == 4
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]) == 0
+    assert json.loads((out / "vision_train.json").read_text()) == vision_records(files["single_train.json"])
+    assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--slab-presence"]) == 0
+    asked = json.loads((out / "single_train.json").read_text())
+    assert {len(r["conversations"]) for r in asked if r["id"].startswith("ct")} == {12}
     assert json.loads((out / "vision_train.json").read_text()) == vision_records(files["single_train.json"])
 
 

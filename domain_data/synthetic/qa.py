@@ -50,6 +50,12 @@ def yes_no(flag: bool) -> str:
     return "Yes" if flag else "No"
 
 
+def presence_question(finding: str, template: int) -> str:
+    """The presence question about ``finding`` (a :data:`RENDERABLE_FINDINGS` name) in wording number
+    ``template`` of the three: "Is there a pleural effusion in this CT scan? Answer Yes or No."."""
+    return _PRESENCE_TEMPLATES[template % len(_PRESENCE_TEMPLATES)].format(a=_PHRASE[finding][0])
+
+
 def slice_range_text(slices: tuple[int, int]) -> str:
     """0-based inclusive z range -> canonical 1-based ``first-last``."""
     return f"{slices[0] + 1}-{slices[1] + 1}"
@@ -74,9 +80,9 @@ def ct_questions(phantom: Phantom, seed: int | None = None) -> list[dict[str, st
     questions: list[dict[str, str]] = []
     for name in RENDERABLE_FINDINGS:
         finding = phantom.findings[name]
-        a, the = _PHRASE[name]
-        template = _PRESENCE_TEMPLATES[int(rng.integers(len(_PRESENCE_TEMPLATES)))]
-        questions.append(_q(template.format(a=a), yes_no(finding.present), "presence", finding=name))
+        the = _PHRASE[name][1]
+        question = presence_question(name, int(rng.integers(len(_PRESENCE_TEMPLATES))))
+        questions.append(_q(question, yes_no(finding.present), "presence", finding=name))
         if name == "Lung nodule":
             questions.append(
                 _q(

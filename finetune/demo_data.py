@@ -306,13 +306,13 @@ def slab_presence_turns(answer: str, rng: np.random.Generator) -> list[dict[str,
     whole-study questions' wordings (:func:`domain_data.synthetic.qa.presence_question`), answered from
     that image's own findings ("Yes" when the finding reaches any of its planes)."""
     from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
-    from domain_data.synthetic.qa import presence_question, yes_no
+    from domain_data.synthetic.qa import PRESENCE_WORDINGS, presence_question, yes_no
 
     shown = {item.partition(" (")[0] for item in answer.split(", ")} if answer != "none" else set()
     turns = []
     for k in rng.permutation(len(RENDERABLE_FINDINGS)):
         name = RENDERABLE_FINDINGS[k]
-        turns += [{"from": "human", "value": presence_question(name, int(rng.integers(3)))},
+        turns += [{"from": "human", "value": presence_question(name, int(rng.integers(PRESENCE_WORDINGS)))},
                   {"from": "gpt", "value": yes_no(name.lower() in shown)}]
     return turns
 
@@ -366,9 +366,8 @@ def single_image_records(out_dir: str | Path, cache_dir: str | Path, render: dic
     thumbnail) with its object counts (:func:`tile_counts_answer`), and from each NIAH record its first
     image when that is a haystack ("none") and its needle image. With ``slab_presence`` each CT image's
     record first asks the five presence questions (:func:`slab_presence_turns`). CT studies and scenes
-    are rendered with
-    ``render`` (default :data:`DEMO_RENDER`) into ``cache_dir``: give the training run's image cache so
-    the whole-study stage reuses the renders. Image paths are absolute."""
+    are rendered with ``render`` (default :data:`DEMO_RENDER`) into ``cache_dir``: give the training run's
+    image cache so the whole-study stage reuses the renders. Image paths are absolute."""
     out, cache = Path(out_dir).resolve(), Path(cache_dir).resolve()
     render = dict(DEMO_RENDER if render is None else render)
     pieces = _slice_records(out, render, cache, slab_presence, seed)

@@ -44,6 +44,7 @@ _PRESENCE_TEMPLATES = (
     "Does this chest CT show {a}? Answer Yes or No.",
     "Is there evidence of {a}? Answer Yes or No.",
 )
+PRESENCE_WORDINGS = len(_PRESENCE_TEMPLATES)
 
 
 def yes_no(flag: bool) -> str:
@@ -52,8 +53,8 @@ def yes_no(flag: bool) -> str:
 
 def presence_question(finding: str, template: int) -> str:
     """The presence question about ``finding`` (a :data:`RENDERABLE_FINDINGS` name) in wording number
-    ``template`` of the three: "Is there a pleural effusion in this CT scan? Answer Yes or No."."""
-    return _PRESENCE_TEMPLATES[template % len(_PRESENCE_TEMPLATES)].format(a=_PHRASE[finding][0])
+    ``template`` (modulo :data:`PRESENCE_WORDINGS`): "Is there a pleural effusion in this CT scan? Answer Yes or No."."""
+    return _PRESENCE_TEMPLATES[template % PRESENCE_WORDINGS].format(a=_PHRASE[finding][0])
 
 
 def slice_range_text(slices: tuple[int, int]) -> str:
@@ -81,7 +82,7 @@ def ct_questions(phantom: Phantom, seed: int | None = None) -> list[dict[str, st
     for name in RENDERABLE_FINDINGS:
         finding = phantom.findings[name]
         the = _PHRASE[name][1]
-        question = presence_question(name, int(rng.integers(len(_PRESENCE_TEMPLATES))))
+        question = presence_question(name, int(rng.integers(PRESENCE_WORDINGS)))
         questions.append(_q(question, yes_no(finding.present), "presence", finding=name))
         if name == "Lung nodule":
             questions.append(

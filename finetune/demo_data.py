@@ -308,12 +308,12 @@ def slab_presence_turns(answer: str, rng: np.random.Generator) -> list[dict[str,
     from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
     from domain_data.synthetic.qa import PRESENCE_WORDINGS, presence_question, yes_no
 
-    shown = {item.partition(" (")[0] for item in answer.split(", ")} if answer != "none" else set()
+    shown = set(_slice_labels(answer))  # "ct lung nodule", "ct lung nodule left", ...
     turns = []
     for k in rng.permutation(len(RENDERABLE_FINDINGS)):
         name = RENDERABLE_FINDINGS[k]
         turns += [{"from": "human", "value": presence_question(name, int(rng.integers(PRESENCE_WORDINGS)))},
-                  {"from": "gpt", "value": yes_no(name.lower() in shown)}]
+                  {"from": "gpt", "value": yes_no(f"ct {name.lower()}" in shown)}]
     return turns
 
 

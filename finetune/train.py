@@ -37,6 +37,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 MODES = ("lora", "full")
 STAGES = ("align", "sft", "multi", "vision")
+LOSS_AVERAGES = ("token", "turn")
 
 # LoRA targets, language model only (the CLIP tower has q/k/v/out_proj too and stays frozen):
 # attention (q,k,v,o), Mamba mixer projections (in_proj: x and gate; x_proj: dt/B/C; out_proj) and the
@@ -79,6 +80,9 @@ class Recipe:
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    # token: the mean over every answer token (HF's causal-LM loss); turn: each answer turn's mean, averaged
+    # over the batch's turns, so a one-word answer weighs as much as a 100-token report
+    loss_average: str = "token"
     gradient_checkpointing: bool = True
     precision: str = "auto"  # auto: bf16 on a CUDA GPU that supports it, else fp32
     deepspeed: str | None = None  # None, "zero2", "zero3" or a JSON path
@@ -120,6 +124,13 @@ class Recipe:
             raise FinetuneError(f"recipe {self.name}: replay_ratio applies to stage 'multi' only")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise FinetuneError(f"recipe {self.name}: precision {self.precision!r}; use auto, bf16, fp16 or fp32")
+        if self.loss_average not in LOSS_AVERAGES:
+            raise FinetuneError(f"recipe {self.name}: loss_average {self.loss_average!r}; use token or turn")
+        if self.loss_average != "token" and self.stage == "vision":
+            raise FinetuneError(
+                f"recipe {self.name}: loss_average applies to answer tokens; stage 'vision' has none "
+                "(drop loss_average)"
+            )
         if self.max_length < 8:
             raise FinetuneError(f"recipe {self.name}: max_length {self.max_length} is too small")
 
@@ -446,11 +457,56 @@ def training_arguments(recipe: Recipe, output_dir: Path) -> Any:
     )
 
 
+def answer_turn_ids(labels: Any) -> Any:
+    """(batch, seq) labels -> ids numbering each row's answer turns 1, 2, ... (0 off the answers).
+
+    A turn is a maximal run of supervised positions: answers are separated by prompts (-100), and packed
+    records by their own prompts, so runs and turns coincide.
+    """
+    import torch
+
+    from finetune.data import IGNORE_INDEX
+
+    supervised = labels != IGNORE_INDEX
+    before = torch.zeros_like(supervised)
+    before[:, 1:] = supervised[:, :-1]
+    starts = supervised & ~before  # (batch, seq): first position of each run
+    return torch.cumsum(starts.long(), dim=1) * supervised.long()
+
+
+def turn_averaged_loss(logits: Any, labels: Any) -> Any:
+    """Causal-LM cross entropy averaged within each answer turn, then over the batch's turns.
+
+    ``logits`` (batch, seq, vocab) and ``labels`` (batch, seq) as the model sees them; position t predicts
+    label t + 1, as in HF's loss. Raises when nothing is supervised.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.data import IGNORE_INDEX
+
+    shifted_labels = labels[:, 1:]  # (batch, seq - 1)
+    token_loss = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (batch, seq - 1)
+    turns = answer_turn_ids(shifted_labels)
+    n_turns = int(turns.max(dim=1).values.sum())
+    if n_turns == 0:
+        raise FinetuneError("turn_averaged_loss: no supervised answer token in the batch")
+    # a slot per (row, turn): row r's turn t -> r * slots + t; slot r * slots collects r's unsupervised positions
+    slots = int(turns.max()) + 1
+    flat = (turns + torch.arange(turns.shape[0], device=turns.device)[:, None] * slots).reshape(-1)
+    turn_lengths = torch.bincount(flat, minlength=turns.shape[0] * slots)[flat]  # (batch * (seq - 1),)
+    weights = (turns.reshape(-1) > 0).float() / turn_lengths.float()  # 1 / its turn's length, 0 off answers
+    return (weights * token_loss.reshape(-1)).sum() / n_turns
+
+
 def _trainer_class() -> Any:
     from transformers import Trainer
 
     class LongLlavaTrainer(Trainer):
-        """``Trainer`` whose resume restores every weight of a full-mode checkpoint.
+        """``Trainer`` whose resume restores every weight of a full-mode checkpoint, and whose loss can
+        average answer turns instead of tokens (``loss_average``).
 
         transformers 5 saves fused MoE experts in the per-expert layout (``experts.N.gate_proj``) and
         converts them back only in ``from_pretrained``; the stock resume path loads the file with
@@ -458,6 +514,21 @@ def _trainer_class() -> Any:
         the checkpoint goes through ``from_pretrained`` and is copied in strictly. LoRA (peft) and
         DeepSpeed checkpoints keep the stock path (their own formats).
         """
+
+        def __init__(self, *args, loss_average: str = "token", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_average = loss_average
+            if loss_average == "turn":
+                self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides by the GA steps
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.loss_average == "token":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = turn_averaged_loss(outputs.logits, labels)
+            return (loss, outputs) if return_outputs else loss
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             target = model if model is not None else self.model
@@ -580,7 +651,7 @@ def _conversation_run(recipe: Recipe, model: Any, processor: Any, args: Any, out
     _write_resolved_recipe(recipe, output_dir)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=data.Collator(int(pad_id)),
-        callbacks=[_loss_logger(recipe, output_dir), *callbacks],
+        callbacks=[_loss_logger(recipe, output_dir), *callbacks], loss_average=recipe.loss_average,
     )
     return trainer, dataset, model, lambda final_dir: trainer.save_model(str(final_dir))
 

@@ -59,11 +59,11 @@ ALL = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 @pytest.mark.parametrize(
     "batch,d_inner,d_state,length,groups,use,softplus",
     [
-        (2, 8, 4, 300, None, ALL, True),  # two checkpoint chunks, every option
+        (2, 8, 4, scan.CHECKPOINT_STEPS + 44, None, ALL, True),  # two checkpoint chunks, every option
         (1, 6, 3, 17, 2, ALL, True),  # B/C groups
         (2, 4, 16, 600, 1, ("u", "delta", "A", "B", "C"), False),  # no D, z, bias, h0, softplus
         (1, 5, 2, 1, None, ("u", "delta", "A", "B", "C", "z", "initial_state"), True),  # one step
-        (3, 4, 4, 256, None, ("u", "delta", "A", "B", "C", "D", "delta_bias"), True),  # exactly one chunk
+        (3, 4, 4, scan.CHECKPOINT_STEPS, None, ("u", "delta", "A", "B", "C", "D", "delta_bias"), True),  # one chunk
     ],
 )
 def test_scan_matches_reference(batch, d_inner, d_state, length, groups, use, softplus):

@@ -263,7 +263,8 @@ if numba is not None:
         """Reverse scan. grad_state (batch*d_inner, d_state) enters as dL/d(last state), leaves as dL/dh0.
 
         dB, dC: (blocks, batch, groups, length, d_state) partial sums, one slice per block (no races);
-        dA: (batch*d_inner, d_state) float64, dD: (batch*d_inner,) float64, summed over batch by the caller.
+        dA: (batch*d_inner, d_state) float64 (each chunk's part summed in float32 first, so the innermost loop
+        stays in float32), dD: (batch*d_inner,) float64, summed over batch by the caller.
         Per chunk (last first) and channel, four passes over its steps: the states, recomputed forwards
         from the chunk's checkpoint; dL/dy and the gate's gradient; dL/dh, backwards through the decays;
         then the gradients of u, dt, A, B, C, D. Only the first and third carry a value from step to step;
@@ -300,7 +301,6 @@ if numba is not None:
                         B_t = B[b, g, t0 + j]
                         for k in range(d_state):
                             states[j + 1, k] = decays[j, k] * states[j, k] + x_t * B_t[k]
-                    dD_chunk = np.float32(0.0)
                     for j in range(steps):
                         t = t0 + j
                         grad_y = dout[b, d, t]
@@ -315,8 +315,7 @@ if numba is not None:
                             dz[b, d, t] = grad_y * y * sig * (np.float32(1.0) + gate * (np.float32(1.0) - sig))
                             grad_y = grad_y * gate * sig
                         grad_ys[j] = grad_y
-                        dD_chunk += grad_y * u_row[t]
-                    dD[idx] += dD_chunk
+                        dD[idx] += grad_y * u_row[t]
                     grad_h[:] = grad_state[idx]
                     for j in range(steps - 1, -1, -1):
                         C_t = C[b, g, t0 + j]

@@ -419,6 +419,24 @@ def vision_records(single_records: Sequence[dict[str, Any]]) -> list[dict[str, A
     return out
 
 
+def study_bag_records(vision: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One multiple-instance record per CT study from :func:`vision_records`: all of the study's slab
+    images (in slab order) with the union of their labels -- the study's findings and sides -- so the
+    vision stage's head, pooled over the whole study, learns what stage 3's presence questions need
+    (a finding on 1-2 of 16 slabs must not be outvoted by false positives on the others)."""
+    studies: dict[str, list[dict[str, Any]]] = {}
+    for record in vision:
+        study, _, slab = record["id"].rpartition("_s")
+        if record["id"].startswith("ct_") and slab.isdigit():
+            studies.setdefault(study, []).append(record)
+    bags = []
+    for study, slabs in sorted(studies.items()):
+        slabs.sort(key=lambda r: int(r["id"].rpartition("_s")[2]))
+        labels = sorted({name for r in slabs for name in r["labels"]})
+        bags.append({"id": study, "images": [r["images"][0] for r in slabs], "labels": labels})
+    return bags
+
+
 def vision_needle_records(out_dir: str | Path, n_needles: int = NIAH_VISION_NEEDLES, seed: int = 0,
                           size: int = NIAH_SIZE) -> list[dict[str, Any]]:
     """``n_needles`` single needle images (written to ``niah_vision/needle_KKKKK.png``) as

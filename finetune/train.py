@@ -658,7 +658,7 @@ def _conversation_run(recipe: Recipe, model: Any, processor: Any, args: Any, out
 
 def _vision_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_dir: Path,
                 callbacks: Sequence[Any]) -> tuple[Any, Any, Any, Callable[[Path], None]]:
-    """Trainer over labelled single images (stage vision): the model's vision tower under a linear
+    """Trainer over labelled images or bags of them (stage vision): the model's vision tower under a linear
     multi-label head (:mod:`finetune.vision`); everything else stays frozen. Its saver writes the whole
     LongLLaVA model (tower trained) to the final folder and the head beside it."""
     from finetune import vision
@@ -674,7 +674,7 @@ def _vision_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_di
         parameter.requires_grad_(True)
     dataset = vision.LabelledImageDataset(records, vocabulary, processor.image_processor)
     _write_resolved_recipe(recipe, output_dir)
-    trainer = _trainer_class()(model=head, args=args, train_dataset=dataset,
+    trainer = _trainer_class()(model=head, args=args, train_dataset=dataset, data_collator=vision.collate_bags,
                                callbacks=[_loss_logger(recipe, output_dir), *callbacks])
 
     def save(final_dir: Path) -> None:

@@ -12,6 +12,10 @@ Records (a JSON list or JSONL), one image each and the names of the labels that 
 
     {"id": "ct_0001_s03", "images": ["slice.png"], "labels": ["ct lung nodule", "ct lung nodule left"]}
 
+A record with several images is a *bag* (multiple-instance learning): its labels hold for the set -- at
+least one image shows each -- and the head pools its logits over every token of every image, so a
+study's slices can be trained against the study's findings.
+
 The label vocabulary is the sorted set of names in the training files; an image with ``labels: []``
 is a negative for every label. Outputs: ``OUTPUT/model`` (the whole LongLLaVA model, only its vision
 tower changed), ``OUTPUT/vision_head.safetensors`` + ``OUTPUT/vision_labels.json`` (the head and its
@@ -41,23 +45,32 @@ class LabelledImage:
     """One image and the names of the labels that hold for it; ``where`` names file and line."""
 
     id: str
-    image: Path
+    images: tuple[Path, ...]
     labels: tuple[str, ...]
     where: str
+
+    @property
+    def image(self) -> Path:
+        """The record's one image; a bag has no single image."""
+        if len(self.images) != 1:
+            raise DataError(f"{self.where}: a bag of {len(self.images)} images has no single image")
+        return self.images[0]
 
 
 def parse_labelled_image(raw: dict, where: str, root: Path) -> LabelledImage:
     images = raw.get("images", raw.get("image"))
     images = [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
-        raise DataError(f"{where}: a vision-stage record needs exactly one image path in 'images', got {images!r}")
+    if not isinstance(images, list) or not images or not all(isinstance(image, str) for image in images):
+        raise DataError(f"{where}: a vision-stage record needs a list of image paths in 'images' (one image, "
+                        f"or several for a bag), got {images!r}")
     labels = raw.get("labels")
     if not isinstance(labels, list) or not all(isinstance(name, str) and name for name in labels):
         raise DataError(f"{where}: 'labels' must be a list of label names (an empty list for none), got {labels!r}")
-    path = Path(images[0]) if Path(images[0]).is_absolute() else root / images[0]
-    if not path.is_file():
-        raise DataError(f"{where}: image {path} does not exist; fix the path or the image_root")
-    return LabelledImage(str(raw.get("id", where)), path, tuple(labels), where)
+    paths = tuple(Path(image) if Path(image).is_absolute() else root / image for image in images)
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{where}: image {path} does not exist; fix the path or the image_root")
+    return LabelledImage(str(raw.get("id", where)), paths, tuple(labels), where)
 
 
 def load_labelled_images(path: str | Path, image_root: str | Path | None = None) -> list[LabelledImage]:
@@ -85,7 +98,8 @@ def multi_hot(labels: Sequence[str], vocabulary: Sequence[str]) -> torch.Tensor:
 
 
 class LabelledImageDataset:
-    """Items ``{"pixel_values": (3, H, W), "labels": (n_labels,)}``; pixels are read per item."""
+    """Items ``{"pixel_values": (n_images, 3, H, W), "labels": (n_labels,)}``; pixels are read per item.
+    Batch them with :func:`collate_bags`."""
 
     def __init__(self, records: Sequence[LabelledImage], vocabulary: Sequence[str], image_processor: Any) -> None:
         self.records = list(records)
@@ -97,7 +111,15 @@ class LabelledImageDataset:
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        return {"pixel_values": self.load([record.image])[0], "labels": multi_hot(record.labels, self.vocabulary)}
+        return {"pixel_values": self.load(list(record.images)), "labels": multi_hot(record.labels, self.vocabulary)}
+
+
+def collate_bags(items: Sequence[dict]) -> dict:
+    """Items of :class:`LabelledImageDataset` -> ``pixel_values`` (all images, in order), ``labels``
+    (n_records, n_labels) and ``bag_sizes`` (n_records,): how many images each record holds."""
+    return {"pixel_values": torch.cat([item["pixel_values"] for item in items]),
+            "labels": torch.stack([item["labels"] for item in items]),
+            "bag_sizes": torch.tensor([len(item["pixel_values"]) for item in items])}
 
 
 class VisionLabelHead(nn.Module):
@@ -130,9 +152,18 @@ class VisionLabelHead(nn.Module):
         """(n, 3, H, W) -> per-token label logits (n, pooled_grid**2, n_labels)."""
         return self.head(self.features(pixel_values))
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        per_token = self.token_logits(pixel_values)  # (n, t, L)
-        logits = torch.logsumexp(per_token, dim=1) - math.log(per_token.shape[1])  # (n, L)
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                bag_sizes: torch.Tensor | None = None) -> dict:
+        """``bag_sizes`` (n_records,): consecutive images pooled together (default: one per record)."""
+        per_token = self.token_logits(pixel_values)  # (n_images, t, L)
+        if bag_sizes is not None and bool((bag_sizes != 1).any()):
+            if int(bag_sizes.sum()) != per_token.shape[0]:
+                raise ValueError(f"bag sizes add up to {int(bag_sizes.sum())}, but {per_token.shape[0]} images came")
+            # each bag's (images * t, L) tokens, pooled alike
+            per_token = [bag.flatten(0, 1) for bag in per_token.split(bag_sizes.tolist())]
+            logits = torch.stack([torch.logsumexp(bag, dim=0) - math.log(bag.shape[0]) for bag in per_token])
+        else:
+            logits = torch.logsumexp(per_token, dim=1) - math.log(per_token.shape[1])  # (n, L)
         loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
         return {"loss": loss, "logits": logits}
 
@@ -169,10 +200,14 @@ def load_head(model: Any, run_dir: str | Path) -> tuple[VisionLabelHead, list[st
 @torch.no_grad()
 def label_probabilities(head: VisionLabelHead, records: Sequence[LabelledImage], image_processor: Any,
                         batch_size: int = 64) -> torch.Tensor:
-    """(n_records, n_labels) sigmoid probabilities of the head on ``records``."""
+    """(n_records, n_labels) sigmoid probabilities of the head on ``records`` (a bag: pooled over its images)."""
     load = processor_image_loader(image_processor)
-    chunks = [torch.sigmoid(head(load([r.image for r in records[i:i + batch_size]]))["logits"])
-              for i in range(0, len(records), batch_size)]
+    chunks = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        pixels = load([path for record in batch for path in record.images])
+        sizes = torch.tensor([len(record.images) for record in batch])
+        chunks.append(torch.sigmoid(head(pixels, bag_sizes=sizes)["logits"]))
     return torch.cat(chunks) if chunks else torch.zeros(0, head.head.out_features)
 
 

@@ -9,7 +9,9 @@ the way the recipes do (``--render``: sampled planes or ``window: slab``), runs 
   (:func:`finetune.demo_data.rendered_slice_answers`), as stage 1 was trained;
 * study level: the maximum and the mean of that probability over the study's images against whether the
   study has the finding -- what stage 3's presence questions need. A finding on 1-2 of 16 images needs
-  an image-level detector with almost no false positives for the maximum to separate studies.
+  an image-level detector with almost no false positives for the maximum to separate studies;
+* study level, bag: the head pooled over every token of all the study's images at once (the study as a
+  multiple-instance bag, :mod:`finetune.vision`), what a stage 1 trained on study bags optimises.
 
 Writes ``vision_probe.json`` and prints a table. This is the check to run after stage 1, before spending
 an hour on stages 2-3 (model card, "How it got here").
@@ -49,11 +51,14 @@ def write_probe_result(out: str | Path, file_name: str, result: dict[str, Any], 
 
 
 def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence[dict[str, Any]],
-                   probabilities: Sequence[np.ndarray], label_index: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """Per rendered finding: image-level AUC and study-level AUC of the max / mean probability.
+                   probabilities: Sequence[np.ndarray], label_index: dict[str, int],
+                   bag_probabilities: Sequence[np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
+    """Per rendered finding: image-level AUC and study-level AUC of the max / mean probability (and of
+    the bag's, when given).
 
     ``study_answers[i][k]`` is image k's :func:`slice_findings_answer` of study i, ``study_truth[i]`` the
-    study's ``findings`` and ``probabilities[i]`` its ``(images, labels)`` head probabilities."""
+    study's ``findings``, ``probabilities[i]`` its ``(images, labels)`` head probabilities and
+    ``bag_probabilities[i]`` its ``(labels,)`` probabilities with the head pooled over all its images."""
     from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
 
     scores = {}
@@ -72,6 +77,8 @@ def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence
             "study_auc_max": auc_or_none(present, [p[:, column].max() for p in probabilities]),
             "study_auc_mean": auc_or_none(present, [p[:, column].mean() for p in probabilities]),
         }
+        if bag_probabilities is not None:
+            scores[name]["study_auc_bag"] = auc_or_none(present, [p[column] for p in bag_probabilities])
     return scores
 
 
@@ -92,20 +99,22 @@ def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cach
     model, processor = load_model(run_dir / "model")
     head, vocabulary = load_head(model, run_dir)
     lines = studies_path.read_text().splitlines()[:limit]
-    answers, truths, probabilities = [], [], []
+    answers, truths, probabilities, bags = [], [], [], []
     for number, line in enumerate(tqdm(lines, desc="probe studies", unit="study"), start=1):
         study = json.loads(line)
         where = f"{studies_path}:{number}"
         record = TrainingRecord(study["id"], (), ct=Path(data) / study["image"], layout="series",
                                 render=dict(render), where=where)
         visuals = record_visuals(record, cache_dir)
-        images = [LabelledImage(f"{study['id']}_{k}", path, (), where) for k, path in enumerate(visuals.paths)]
+        images = [LabelledImage(f"{study['id']}_{k}", (path,), (), where) for k, path in enumerate(visuals.paths)]
         probabilities.append(label_probabilities(head, images, processor.image_processor).numpy())
+        bag = LabelledImage(study["id"], tuple(visuals.paths), (), where)
+        bags.append(label_probabilities(head, [bag], processor.image_processor)[0].numpy())
         answers.append(rendered_slice_answers(study["ground_truth"], render, len(visuals.paths)))
         truths.append(study["ground_truth"]["findings"])
     label_index = {label: i for i, label in enumerate(vocabulary)}
     return {"run": str(run_dir), "data": str(data), "render": render, "studies": len(lines),
-            "findings": finding_scores(answers, truths, probabilities, label_index)}
+            "findings": finding_scores(answers, truths, probabilities, label_index, bags)}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -114,11 +123,12 @@ def format_table(result: dict[str, Any]) -> str:
 
     rows = [f"vision probe of {result['run']} on {result['studies']} studies of {result['data']} "
             f"(render {result['render']})",
-            "| finding | studies with | images with | image AUC | study AUC (max) | study AUC (mean) |",
-            "|---|---|---|---|---|---|"]
+            "| finding | studies with | images with | image AUC | study AUC (max) | study AUC (mean) "
+            "| study AUC (bag) |",
+            "|---|---|---|---|---|---|---|"]
     for name, s in result["findings"].items():
         rows.append(f"| {name} | {s['studies_with']} | {s['images_with']} | {cell(s['image_auc'])} | "
-                    f"{cell(s['study_auc_max'])} | {cell(s['study_auc_mean'])} |")
+                    f"{cell(s['study_auc_max'])} | {cell(s['study_auc_mean'])} | {cell(s.get('study_auc_bag'))} |")
     return "\n".join(rows)
 
 

@@ -28,6 +28,7 @@ from finetune.demo_data import (
     single_image_records,
     slice_findings_answer,
     split_per_question,
+    study_bag_records,
     tile_counts_answer,
     vision_needle_records,
     vision_records,
@@ -373,6 +374,26 @@ def test_vision_records_turn_every_answer_into_label_names():
     assert all(r["images"] == ["/a.png"] for r in records)
     with pytest.raises(DemoDataError, match="no vision labels"):
         vision_records([single("What is this?", "a cat")])
+
+
+def test_study_bags_hold_each_study_s_slabs_in_order_with_the_union_of_their_labels():
+    def labelled(record_id, labels):
+        return {"id": record_id, "images": [f"/{record_id}.png"], "labels": labels}
+
+    bags = study_bag_records([
+        labelled("ct_train_0002_s10", ["ct emphysema", "ct emphysema left"]),
+        labelled("ct_train_0001_s01", ["ct lung nodule", "ct lung nodule right"]),
+        labelled("rs_train_0001_t11", ["tile ships >= 1"]),
+        labelled("ct_train_0002_s02", []),
+        labelled("ct_train_0001_s00", ["ct cardiomegaly"]),
+        labelled("niah_train_0001_i00", []),
+    ])
+    assert bags == [
+        {"id": "ct_train_0001", "images": ["/ct_train_0001_s00.png", "/ct_train_0001_s01.png"],
+         "labels": ["ct cardiomegaly", "ct lung nodule", "ct lung nodule right"]},
+        {"id": "ct_train_0002", "images": ["/ct_train_0002_s02.png", "/ct_train_0002_s10.png"],
+         "labels": ["ct emphysema", "ct emphysema left"]},
+    ]
 
 
 def test_demo_recipes_train_a_few_steps_in_three_stages(tiny_build, tmp_path):

@@ -31,6 +31,10 @@ def test_finding_scores_pool_image_probabilities_per_study() -> None:
     assert got["study_auc_max"] == pytest.approx(1.0)  # 0.9, 0.8 > 0.6
     assert got["study_auc_mean"] == pytest.approx(0.0)  # 0.37, 0.27 < 0.6: the mean drowns one image
     assert scores["Cardiomegaly"]["study_auc_max"] is None  # no study has it: no AUC
+    assert "study_auc_bag" not in got  # no bag probabilities given
+    bags = [np.array([0.7, 0.1]), np.array([0.3, 0.1]), np.array([0.2, 0.1])]  # one pooled row per study
+    with_bags = finding_scores(answers, truths, probabilities, {label: i for i, label in enumerate(LABELS)}, bags)
+    assert with_bags["Lung nodule"]["study_auc_bag"] == pytest.approx(0.5)  # 0.7 > 0.3 > 0.2
     assert auc_or_none([True, False], [0.2, 0.4]) == pytest.approx(0.0)
 
 
@@ -56,9 +60,9 @@ def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) 
     for name, scores in result["findings"].items():
         assert scores["studies_with"] == sum(study[name]["present"] for study in studies)
         assert scores["images_with"] <= 4 * scores["studies_with"]  # only a study with it has such images
-        for key in ("image_auc", "study_auc_max", "study_auc_mean"):
+        for key in ("image_auc", "study_auc_max", "study_auc_mean", "study_auc_bag"):
             assert scores[key] is None or 0.0 <= scores[key] <= 1.0
     table = capsys.readouterr().out
-    assert "| finding | studies with" in table and "Cardiomegaly" in table
+    assert "| finding | studies with" in table and "study AUC (bag) |" in table and "Cardiomegaly" in table
     with pytest.raises(FinetuneError, match="ct_test_studies.jsonl not found"):
         main(["--run", str(run), "--data", str(tmp_path / "nowhere")])

@@ -14,6 +14,7 @@ from finetune import FinetuneError
 from finetune.data import DataError
 from finetune.train import read_loss_csv, run_training
 from finetune.vision import (
+    collate_bags,
     init_projector_from_head,
     label_probabilities,
     load_head,
@@ -75,8 +76,12 @@ def test_vision_stage_rejects_bad_records_and_settings(tmp_path, make_recipe):
     bad.write_text(json.dumps([{"id": "a", "images": ["missing.png"], "labels": ["x"]}]))
     with pytest.raises(DataError, match="missing.png does not exist"):
         load_labelled_images(bad)
+    bad.write_text(json.dumps([{"id": "a", "images": [], "labels": ["x"]}]))
+    with pytest.raises(DataError, match="list of image paths"):
+        load_labelled_images(bad)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     bad.write_text(json.dumps([{"id": "a", "images": ["x.png", "y.png"], "labels": ["x"]}]))
-    with pytest.raises(DataError, match="exactly one image"):
+    with pytest.raises(DataError, match="y.png does not exist"):
         load_labelled_images(bad)
     bad.write_text(json.dumps([{"id": "a", "images": ["x.png"], "labels": "x"}]))
     with pytest.raises(DataError, match="list of label names"):
@@ -116,3 +121,34 @@ def test_projector_init_head_needs_a_full_text_stage_and_a_vision_run(vision_run
     model, _ = load_model(summary["saved_to"])
     with pytest.raises(DataError, match="vision_head.safetensors is missing"):
         init_projector_from_head(model, tmp_path, 0.25)
+
+
+def test_a_bag_pools_the_head_over_every_token_of_its_images(vision_run, tmp_path):
+    recipe, data, summary = vision_run
+    model, processor = load_model(summary["saved_to"])
+    head, vocabulary = load_head(model, recipe.output_dir)
+    singles = load_labelled_images(data)[:5]
+    bags = tmp_path / "bags.json"
+    bags.write_text(json.dumps([
+        {"id": "bag-a", "images": [str(r.image) for r in singles[:3]], "labels": ["square"]},
+        {"id": "one", "images": [str(singles[3].image)], "labels": []},
+        {"id": "bag-b", "images": [str(r.image) for r in singles[3:5]], "labels": ["square", "square left"]},
+    ]))
+    records = load_labelled_images(bags)
+    assert [len(r.images) for r in records] == [3, 1, 2]
+    with pytest.raises(DataError, match="a bag of 3 images has no single image"):
+        _ = records[0].image
+    pixels = processor.image_processor([Image.open(r.image) for r in singles], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        tokens = head.token_logits(pixels)  # (5, t, L)
+    expected = torch.stack([torch.logsumexp(tokens[i:j].flatten(0, 1), dim=0) - np.log(tokens[i:j].shape[0] * tokens.shape[1])
+                            for i, j in ((0, 3), (3, 4), (3, 5))])
+    torch.testing.assert_close(label_probabilities(head, records, processor.image_processor, batch_size=2),
+                               torch.sigmoid(expected), atol=1e-5, rtol=1e-5)
+    # a batch of single images pools per image, as without bags
+    single_batch = collate_bags([{"pixel_values": pixels[i:i + 1], "labels": torch.zeros(3)} for i in range(5)])
+    assert single_batch["bag_sizes"].tolist() == [1] * 5
+    with torch.no_grad():
+        torch.testing.assert_close(head(**single_batch)["logits"], head(pixels)["logits"], atol=0, rtol=0)
+        with pytest.raises(ValueError, match="bag sizes add up to 4, but 5 images came"):
+            head(pixels, bag_sizes=torch.tensor([2, 2]))

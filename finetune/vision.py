@@ -160,8 +160,8 @@ class VisionLabelHead(nn.Module):
             if int(bag_sizes.sum()) != per_token.shape[0]:
                 raise ValueError(f"bag sizes add up to {int(bag_sizes.sum())}, but {per_token.shape[0]} images came")
             # each bag's (images * t, L) tokens, pooled alike
-            per_token = [bag.flatten(0, 1) for bag in per_token.split(bag_sizes.tolist())]
-            logits = torch.stack([torch.logsumexp(bag, dim=0) - math.log(bag.shape[0]) for bag in per_token])
+            bags = [bag.flatten(0, 1) for bag in per_token.split(bag_sizes.tolist())]
+            logits = torch.stack([torch.logsumexp(bag, dim=0) - math.log(bag.shape[0]) for bag in bags])
         else:
             logits = torch.logsumexp(per_token, dim=1) - math.log(per_token.shape[1])  # (n, L)
         loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
@@ -198,17 +198,29 @@ def load_head(model: Any, run_dir: str | Path) -> tuple[VisionLabelHead, list[st
 
 
 @torch.no_grad()
-def label_probabilities(head: VisionLabelHead, records: Sequence[LabelledImage], image_processor: Any,
-                        batch_size: int = 64) -> torch.Tensor:
-    """(n_records, n_labels) sigmoid probabilities of the head on ``records`` (a bag: pooled over its images)."""
+def label_logits(head: VisionLabelHead, records: Sequence[LabelledImage], image_processor: Any,
+                 batch_size: int = 64) -> torch.Tensor:
+    """(n_records, n_labels) pooled logits of the head on ``records`` (a bag: pooled over its images)."""
     load = processor_image_loader(image_processor)
     chunks = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         pixels = load([path for record in batch for path in record.images])
         sizes = torch.tensor([len(record.images) for record in batch])
-        chunks.append(torch.sigmoid(head(pixels, bag_sizes=sizes)["logits"]))
+        chunks.append(head(pixels, bag_sizes=sizes)["logits"])
     return torch.cat(chunks) if chunks else torch.zeros(0, head.head.out_features)
+
+
+def label_probabilities(head: VisionLabelHead, records: Sequence[LabelledImage], image_processor: Any,
+                        batch_size: int = 64) -> torch.Tensor:
+    """(n_records, n_labels) sigmoid probabilities of the head on ``records`` (a bag: pooled over its images)."""
+    return torch.sigmoid(label_logits(head, records, image_processor, batch_size))
+
+
+def bag_logits(image_logits: torch.Tensor) -> torch.Tensor:
+    """(n_images, L) pooled logits of single images -> (L,) those of the bag of them all: every image has
+    the same number of tokens, so the log-mean-exp over all tokens is the log-mean-exp of the images'."""
+    return torch.logsumexp(image_logits, dim=0) - math.log(image_logits.shape[0])
 
 
 def init_projector_from_head(model: Any, run_dir: str | Path, scale: float) -> list[str]:

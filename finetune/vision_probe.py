@@ -85,12 +85,13 @@ def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence
 def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cache_dir: str | Path,
              limit: int | None = 20) -> dict[str, Any]:
     """Score the label head of the vision run ``run_dir`` (its ``model/`` and head) on ``data``'s studies."""
+    import torch
     from tqdm import tqdm
 
     from finetune import FinetuneError
     from finetune.data import TrainingRecord, record_visuals
     from finetune.demo_data import rendered_slice_answers
-    from finetune.vision import LabelledImage, label_probabilities, load_head
+    from finetune.vision import LabelledImage, bag_logits, label_logits, load_head
     from longllava.loading import load_model
 
     run_dir, studies_path = Path(run_dir), Path(data) / STUDIES_FILE
@@ -107,9 +108,9 @@ def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cach
                                 render=dict(render), where=where)
         visuals = record_visuals(record, cache_dir)
         images = [LabelledImage(f"{study['id']}_{k}", (path,), (), where) for k, path in enumerate(visuals.paths)]
-        probabilities.append(label_probabilities(head, images, processor.image_processor).numpy())
-        bag = LabelledImage(study["id"], tuple(visuals.paths), (), where)
-        bags.append(label_probabilities(head, [bag], processor.image_processor)[0].numpy())
+        logits = label_logits(head, images, processor.image_processor)
+        probabilities.append(torch.sigmoid(logits).numpy())
+        bags.append(torch.sigmoid(bag_logits(logits)).numpy())
         answers.append(rendered_slice_answers(study["ground_truth"], render, len(visuals.paths)))
         truths.append(study["ground_truth"]["findings"])
     label_index = {label: i for i, label in enumerate(vocabulary)}

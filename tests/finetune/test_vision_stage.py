@@ -14,8 +14,10 @@ from finetune import FinetuneError
 from finetune.data import DataError
 from finetune.train import read_loss_csv, run_training
 from finetune.vision import (
+    bag_logits,
     collate_bags,
     init_projector_from_head,
+    label_logits,
     label_probabilities,
     load_head,
     load_labelled_images,
@@ -145,6 +147,10 @@ def test_a_bag_pools_the_head_over_every_token_of_its_images(vision_run, tmp_pat
                             for i, j in ((0, 3), (3, 4), (3, 5))])
     torch.testing.assert_close(label_probabilities(head, records, processor.image_processor, batch_size=2),
                                torch.sigmoid(expected), atol=1e-5, rtol=1e-5)
+    # a bag's pooled logits follow from its images' own pooled logits
+    images = load_labelled_images(data)[:3]
+    torch.testing.assert_close(bag_logits(label_logits(head, images, processor.image_processor)), expected[0],
+                               atol=1e-5, rtol=1e-5)
     # a batch of single images pools per image, as without bags
     single_batch = collate_bags([{"pixel_values": pixels[i:i + 1], "labels": torch.zeros(3)} for i in range(5)])
     assert single_batch["bag_sizes"].tolist() == [1] * 5

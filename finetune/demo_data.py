@@ -228,6 +228,60 @@ def write_shuffled_records(out_dir: str | Path, seed: int = 0, copies: int = SHU
 
 
 # ----------------------------------------------------------------------------------------------
+# Polish stage (after the whole-study stage): presence questions alone, with a replay of that stage
+
+PRESENCE_ANSWERS = ("Yes", "No")
+POLISH_PRESENCE_COPIES = 2  # each presence-only conversation this many times in polish_train.json
+POLISH_REPLAY_VERSIONS = 2  # each CT study's and scene's first shuffled versions (_c00, _c01) replayed
+POLISH_NIAH_RECORDS = 200  # the first NIAH training records, replayed once
+
+
+def presence_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
+    """``record`` cut down to its yes/no turns (CT presence questions), in their order, the image tag in
+    front of the first; id ``ID_p``. None when it has no such turn.
+
+    In a whole-study conversation the report's ~170 answer tokens outweigh the five one-token presence
+    answers about twenty to one under the token-mean loss; alone, they carry all of it."""
+    tag, questions = _question_pairs(record)
+    kept = [(question, answer) for question, answer in questions if answer["value"] in PRESENCE_ANSWERS]
+    return _reordered_version(record, tag, kept, "p") if kept else None
+
+
+def _is_early_version(record: dict[str, Any], versions: int) -> bool:
+    """True for a shuffled conversation ``ID_cNN`` with NN < ``versions``."""
+    head, _, number = str(record.get("id", "")).rpartition("_c")
+    return bool(head) and number.isdigit() and int(number) < versions
+
+
+def polish_records(ct_shuffled: Sequence[dict[str, Any]], rs_shuffled: Sequence[dict[str, Any]],
+                   niah: Sequence[dict[str, Any]], presence_copies: int = POLISH_PRESENCE_COPIES,
+                   replay_versions: int = POLISH_REPLAY_VERSIONS,
+                   niah_records: int = POLISH_NIAH_RECORDS) -> list[dict[str, Any]]:
+    """The polish stage's records: every whole-study CT conversation cut to its presence turns
+    (:func:`presence_only_version`), ``presence_copies`` times; then a replay of the whole-study stage so
+    that nothing else is forgotten: each CT study's and scene's first ``replay_versions`` shuffled
+    conversations (``_c00``, ``_c01``, ...) and the first ``niah_records`` NIAH records. Kept in this order,
+    the inputs' own (seeded) order within each part; the trainer's seeded sampler shuffles them."""
+    presence = [version for record in ct_shuffled if (version := presence_only_version(record))]
+    ct_replay = [r for r in ct_shuffled if _is_early_version(r, replay_versions)]
+    rs_replay = [r for r in rs_shuffled if _is_early_version(r, replay_versions)]
+    return presence * presence_copies + ct_replay + rs_replay + list(niah[:niah_records])
+
+
+def write_polish_records(out_dir: str | Path, presence_copies: int = POLISH_PRESENCE_COPIES,
+                         replay_versions: int = POLISH_REPLAY_VERSIONS,
+                         niah_records: int = POLISH_NIAH_RECORDS) -> Path:
+    """``polish_train.json`` in ``out_dir`` from its ``ct_train_shuffled.json``, ``rs_train_shuffled.json``
+    and ``niah_train.json`` (:func:`polish_records`)."""
+    ct, rs, niah = (json.loads(_built_file(out_dir, name).read_text()) for name in
+                    ("ct_train_shuffled.json", "rs_train_shuffled.json", "niah_train.json"))
+    target = Path(out_dir) / "polish_train.json"
+    target.write_text(json.dumps(polish_records(ct, rs, niah, presence_copies, replay_versions, niah_records),
+                                 indent=1) + "\n")
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
 # Vision warm-up stage: one image per record, each with an answer that only its pixels give
 
 
@@ -542,6 +596,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
+    write_polish_records(out_dir)
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence)
     return manifest
 
@@ -582,6 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     render = dict(DEMO_RENDER, window=args.ct_window)
     if args.records_only:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
+            write_polish_records(args.out),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence)]
         for path in written:

@@ -21,6 +21,8 @@ from finetune.demo_data import (
     build_heldout_subset,
     build_niah_train,
     follow_up_conversations,
+    polish_records,
+    presence_only_version,
     question_order_group,
     rendered_slice_answers,
     shuffled_conversations,
@@ -32,6 +34,7 @@ from finetune.demo_data import (
     tile_counts_answer,
     vision_needle_records,
     vision_records,
+    write_polish_records,
     write_shuffled_records,
     write_single_image_records,
 )
@@ -220,6 +223,25 @@ def test_follow_up_copies_put_side_slices_report_and_tiles_straight_after_the_im
     assert sorted(r["id"] for r in mixed) == ["ct_0_c00", "ct_0_c01", "ct_0_f00", "s1_c00", "s1_c01"]
 
 
+def test_presence_only_versions_keep_the_yes_no_turns_and_the_polish_replays_the_rest():
+    record = _conversation("How many nodules?", "2", "Nodule? Answer Yes or No.", "Yes",
+                           "Effusion? Answer Yes or No.", "No", "Write the findings.", "Findings: ...")
+    record["id"] = "s1_c00"
+    presence = presence_only_version(record)
+    assert presence["id"] == "s1_c00_p" and presence["image"] == record["image"]
+    assert [t["value"] for t in presence["conversations"]] == [
+        "<image>\nNodule? Answer Yes or No.", "Yes", "Effusion? Answer Yes or No.", "No"]
+    assert presence_only_version(_conversation("How many nodules?", "2")) is None
+    second, third = dict(record, id="s1_c01"), dict(record, id="s1_c02")
+    scenes = [dict(_conversation("How many ships?", "3"), id=f"r1_c0{k}") for k in (2, 0)]
+    niah = [dict(_conversation("Which colour?", "red", tag=False), id=f"n{k}") for k in range(3)]
+    polish = polish_records([third, record, second], scenes, niah, presence_copies=2, replay_versions=2,
+                            niah_records=2)
+    assert [r["id"] for r in polish] == ["s1_c02_p", "s1_c00_p", "s1_c01_p"] * 2 + [
+        "s1_c00", "s1_c01", "r1_c00", "n0", "n1"]
+    assert [r["id"] for r in polish_records([record], scenes, niah, 1, 1, 0)] == ["s1_c00_p", "s1_c00", "r1_c00"]
+
+
 def test_split_per_question_rejects_broken_conversations(tmp_path):
     broken = _conversation("q", "a")
     broken["conversations"].append({"from": "human", "value": "dangling"})
@@ -341,9 +363,12 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     out, cache = tmp_path / "synthetic", tmp_path / "cache"
     assert main(["--out", str(out), "--scale", "0.004", "--cache-dir", str(cache), "--vision-needles", "500"]) == 0
     files = {name: json.loads((out / name).read_text()) for name in (
-        "vision_train.json", "single_train.json", "ct_train_shuffled.json", "rs_train_shuffled.json", "niah_train.json")}
+        "vision_train.json", "single_train.json", "ct_train_shuffled.json", "rs_train_shuffled.json", "niah_train.json",
+        "polish_train.json")}
     assert len(files["vision_train.json"]) == len(files["single_train.json"]) + 2  # 500 x 0.004 needles
     assert len(files["ct_train_shuffled.json"]) == 2 * 3 and len(files["niah_train.json"]) == 4
+    # polish: 6 presence-only conversations twice, the 2 studies' and 2 scenes' first two versions, 4 NIAH
+    assert len(files["polish_train.json"]) == 6 * 2 + 2 * 2 + 2 * 2 + 4
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]) == 0
     assert json.loads((out / "vision_train.json").read_text()) == vision_records(files["single_train.json"])
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--slab-presence"]) == 0
@@ -396,18 +421,19 @@ def test_study_bags_hold_each_study_s_slabs_in_order_with_the_union_of_their_lab
     ]
 
 
-def test_demo_recipes_train_a_few_steps_in_three_stages(tiny_build, tmp_path):
+def test_demo_recipes_train_a_few_steps_in_three_stages_and_the_optional_polish(tiny_build, tmp_path):
     from finetune.train import run_training
 
     cache = tmp_path / "cache"
     single = write_single_image_records(tiny_build, cache, vision_needles=4)
     whole = [str(p) for p in write_shuffled_records(tiny_build)] + [str(tiny_build / "niah_train.json")]
+    polish = write_polish_records(tiny_build)
     common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000"]
     base = None
     for name, files, extra in (("demo_vision", [tiny_build / "vision_train.json"], ["per_device_train_batch_size=4"]),
                                ("demo_warmup", [single], ["per_device_train_batch_size=4",
                                                           f"projector_init_head={tmp_path / 'demo_vision'}"]),
-                               ("demo", whole, [])):
+                               ("demo", whole, []), ("demo_polish", [polish], [])):
         overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}", *common, *extra]
         recipe = load_recipe(name, overrides + ([f"base_model={base}"] if base else []))
         summary = run_training(recipe)

@@ -42,8 +42,9 @@ demo-model: setup
 	$(VENV)/bin/longllava finetune demo_vision
 	$(VENV)/bin/longllava finetune demo_warmup
 	$(VENV)/bin/longllava finetune demo
-	$(PY) -m finetune.demo_scores --model build/demo_run/model --data build/heldout20 --out build/demo_eval \
-	  --export build/demo_run longllava/checkpoints/demo
+	$(VENV)/bin/longllava finetune demo_polish
+	$(PY) -m finetune.demo_scores --model build/demo_polish/model --data build/heldout20 --out build/demo_eval \
+	  --export build/demo_polish longllava/checkpoints/demo
 
 test: setup browser
 	$(VENV)/bin/ruff check .

@@ -19,8 +19,8 @@ def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         help="train a LongLLaVA model with a recipe (LoRA or full; stages align/sft/multi/vision)",
         description="Train with a recipe from finetune/recipes (pubmedvision_lora, pubmedvision_full, "
-        "skysense_lora, ct_rate_lora; demo_vision, demo_warmup, demo: the demo model's three stages; "
-        "demo_polish: an optional, unshipped fourth) "
+        "skysense_lora, ct_rate_lora; demo_vision, demo_warmup, demo, demo_polish: the demo model's four "
+        "stages) "
         "or a YAML path; override any recipe key with key=value. "
         "Writes checkpoints, loss.csv and loss.png to output_dir. Under `deepspeed`, `torchrun` or "
         "`accelerate launch` each process runs this command (see README, multi-node).",

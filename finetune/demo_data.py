@@ -232,7 +232,11 @@ def write_shuffled_records(out_dir: str | Path, seed: int = 0, copies: int = SHU
 
 PRESENCE_ANSWERS = ("Yes", "No")
 POLISH_PRESENCE_COPIES = 2  # each presence-only conversation this many times in polish_train.json
-POLISH_REPLAY_VERSIONS = 2  # each CT study's and scene's first shuffled versions (_c00, _c01) replayed
+POLISH_CT_REPLAY_VERSIONS = 1  # each CT study's first shuffled versions (_c00, ...) replayed
+POLISH_RS_REPLAY_VERSIONS = 2  # each scene's first shuffled versions (_c00, _c01) replayed
+# one follow-up-only version (_f00: side, slices, report / row, column, tile, straight after the images)
+# of every record of these training files, replayed
+POLISH_FOLLOW_UP_SOURCES = ("ct_train.json", "rs_train.json")
 POLISH_NIAH_RECORDS = 200  # the first NIAH training records, replayed once
 
 
@@ -255,29 +259,41 @@ def _is_early_version(record: dict[str, Any], versions: int) -> bool:
 
 def polish_records(ct_shuffled: Sequence[dict[str, Any]], rs_shuffled: Sequence[dict[str, Any]],
                    niah: Sequence[dict[str, Any]], presence_copies: int = POLISH_PRESENCE_COPIES,
-                   replay_versions: int = POLISH_REPLAY_VERSIONS,
-                   niah_records: int = POLISH_NIAH_RECORDS) -> list[dict[str, Any]]:
+                   ct_replay_versions: int = POLISH_CT_REPLAY_VERSIONS,
+                   rs_replay_versions: int = POLISH_RS_REPLAY_VERSIONS,
+                   niah_records: int = POLISH_NIAH_RECORDS, ct_follow_ups: Sequence[dict[str, Any]] = (),
+                   rs_follow_ups: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """The polish stage's records: every whole-study CT conversation cut to its presence turns
     (:func:`presence_only_version`), ``presence_copies`` times; then a replay of the whole-study stage so
-    that nothing else is forgotten: each CT study's and scene's first ``replay_versions`` shuffled
-    conversations (``_c00``, ``_c01``, ...) and the first ``niah_records`` NIAH records. Kept in this order,
-    the inputs' own (seeded) order within each part; the trainer's seeded sampler shuffles them."""
+    that nothing else is forgotten: each CT study's first ``ct_replay_versions`` and each scene's first
+    ``rs_replay_versions`` shuffled conversations (``_c00``, ``_c01``, ...), the follow-up-only versions
+    given (:func:`follow_up_conversations`: the questions evaluation asks straight after the images but the
+    shuffled conversations never do) and the first ``niah_records`` NIAH records. Kept in this order, the
+    inputs' own (seeded) order within each part; the trainer's seeded sampler shuffles them."""
     presence = [version for record in ct_shuffled if (version := presence_only_version(record))]
-    ct_replay = [r for r in ct_shuffled if _is_early_version(r, replay_versions)]
-    rs_replay = [r for r in rs_shuffled if _is_early_version(r, replay_versions)]
-    return presence * presence_copies + ct_replay + rs_replay + list(niah[:niah_records])
+    ct_replay = [r for r in ct_shuffled if _is_early_version(r, ct_replay_versions)]
+    rs_replay = [r for r in rs_shuffled if _is_early_version(r, rs_replay_versions)]
+    return (presence * presence_copies + ct_replay + list(ct_follow_ups) + rs_replay + list(rs_follow_ups)
+            + list(niah[:niah_records]))
 
 
-def write_polish_records(out_dir: str | Path, presence_copies: int = POLISH_PRESENCE_COPIES,
-                         replay_versions: int = POLISH_REPLAY_VERSIONS,
-                         niah_records: int = POLISH_NIAH_RECORDS) -> Path:
+def write_polish_records(out_dir: str | Path, seed: int = 0, presence_copies: int = POLISH_PRESENCE_COPIES,
+                         ct_replay_versions: int = POLISH_CT_REPLAY_VERSIONS,
+                         rs_replay_versions: int = POLISH_RS_REPLAY_VERSIONS,
+                         niah_records: int = POLISH_NIAH_RECORDS,
+                         follow_up_sources: Sequence[str] = POLISH_FOLLOW_UP_SOURCES) -> Path:
     """``polish_train.json`` in ``out_dir`` from its ``ct_train_shuffled.json``, ``rs_train_shuffled.json``
-    and ``niah_train.json`` (:func:`polish_records`)."""
+    and ``niah_train.json``, with one follow-up version (seeded by ``seed``, as in
+    :func:`write_shuffled_records`) of every record of each of ``follow_up_sources`` (:func:`polish_records`)."""
     ct, rs, niah = (json.loads(_built_file(out_dir, name).read_text()) for name in
                     ("ct_train_shuffled.json", "rs_train_shuffled.json", "niah_train.json"))
+    follow_ups = {name: [version for index, record in enumerate(json.loads(_built_file(out_dir, name).read_text()))
+                         for version in follow_up_conversations(record, index, 1, seed)]
+                  for name in follow_up_sources}
+    records = polish_records(ct, rs, niah, presence_copies, ct_replay_versions, rs_replay_versions, niah_records,
+                             follow_ups.get("ct_train.json", ()), follow_ups.get("rs_train.json", ()))
     target = Path(out_dir) / "polish_train.json"
-    target.write_text(json.dumps(polish_records(ct, rs, niah, presence_copies, replay_versions, niah_records),
-                                 indent=1) + "\n")
+    target.write_text(json.dumps(records, indent=1) + "\n")
     return target
 
 
@@ -596,7 +612,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
-    write_polish_records(out_dir)
+    write_polish_records(out_dir, seed)
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence)
     return manifest
 
@@ -637,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     render = dict(DEMO_RENDER, window=args.ct_window)
     if args.records_only:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
-            write_polish_records(args.out),
+            write_polish_records(args.out, args.seed),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence)]
         for path in written:

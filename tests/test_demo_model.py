@@ -71,15 +71,18 @@ RUN_LABEL_KEYS = {"name", "description", "output_dir", "base_model"}
 
 
 def test_committed_checkpoint_matches_the_recipes():
-    """Three stages: demo_vision from the seeded preset, demo_warmup from its model, demo from that."""
-    first, warmup, recipe = (load_recipe(name) for name in ("demo_vision", "demo_warmup", "demo"))
-    assert first.base_model.startswith("preset:") and first.mode == warmup.mode == recipe.mode == "full"
-    assert (first.stage, warmup.stage, recipe.stage) == ("vision", "sft", "sft")
-    assert not warmup.train_vision_tower and not recipe.train_vision_tower
-    assert warmup.base_model == f"{first.output_dir}/model" and recipe.base_model == f"{warmup.output_dir}/model"
-    assert warmup.projector_init_head == first.output_dir and not recipe.projector_init_head  # stage 1's head
-    assert first.render == warmup.render == recipe.render == DEMO_RENDER
-    assert warmup.image_cache_dir == recipe.image_cache_dir  # one render cache (stage 1 reads its PNGs)
+    """Four stages: demo_vision from the seeded preset, demo_warmup from its model, demo from that,
+    demo_polish from that."""
+    first, warmup, whole, recipe = (load_recipe(name) for name in ("demo_vision", "demo_warmup", "demo", "demo_polish"))
+    assert first.base_model.startswith("preset:") and first.mode == warmup.mode == whole.mode == recipe.mode == "full"
+    assert (first.stage, warmup.stage, whole.stage, recipe.stage) == ("vision", "sft", "sft", "sft")
+    assert not any(stage.train_vision_tower for stage in (warmup, whole, recipe))
+    assert warmup.base_model == f"{first.output_dir}/model" and whole.base_model == f"{warmup.output_dir}/model"
+    assert recipe.base_model == f"{whole.output_dir}/model"
+    assert warmup.projector_init_head == first.output_dir  # stage 1's head
+    assert not whole.projector_init_head and not recipe.projector_init_head
+    assert first.render == warmup.render == whole.render == recipe.render == DEMO_RENDER
+    assert warmup.image_cache_dir == whole.image_cache_dir == recipe.image_cache_dir  # one render cache
     preset = LongLlavaConfig.from_preset(first.base_model.split(":", 1)[1])
     saved = LongLlavaConfig.from_pretrained(DEMO_DIR)
     assert saved.pooled_grid == preset.pooled_grid
@@ -91,7 +94,8 @@ def test_committed_checkpoint_matches_the_recipes():
     assert saved_text == preset_text
     # the recipes that trained the checkpoint (copied from the runs) are the bundled ones, key for key
     defaults = asdict(Recipe())
-    for stage, file in ((first, "stage1_recipe.yaml"), (warmup, "stage2_recipe.yaml"), (recipe, "training_recipe.yaml")):
+    for stage, file in ((first, "stage1_recipe.yaml"), (warmup, "stage2_recipe.yaml"), (whole, "stage3_recipe.yaml"),
+                        (recipe, "training_recipe.yaml")):
         ran = yaml.safe_load((DEMO_DIR / file).read_text())
         # a key added to Recipe after a stage ran must hold its default (the run behaved as it says)
         assert {**{k: defaults[k] for k in asdict(stage).keys() - ran.keys()}, **ran} == asdict(stage), file
@@ -235,11 +239,16 @@ def test_presence_only_versions_keep_the_yes_no_turns_and_the_polish_replays_the
     second, third = dict(record, id="s1_c01"), dict(record, id="s1_c02")
     scenes = [dict(_conversation("How many ships?", "3"), id=f"r1_c0{k}") for k in (2, 0)]
     niah = [dict(_conversation("Which colour?", "red", tag=False), id=f"n{k}") for k in range(3)]
-    polish = polish_records([third, record, second], scenes, niah, presence_copies=2, replay_versions=2,
-                            niah_records=2)
+    polish = polish_records([third, record, second], scenes, niah, presence_copies=2, ct_replay_versions=2,
+                            rs_replay_versions=2, niah_records=2)
     assert [r["id"] for r in polish] == ["s1_c02_p", "s1_c00_p", "s1_c01_p"] * 2 + [
         "s1_c00", "s1_c01", "r1_c00", "n0", "n1"]
-    assert [r["id"] for r in polish_records([record], scenes, niah, 1, 1, 0)] == ["s1_c00_p", "s1_c00", "r1_c00"]
+    assert [r["id"] for r in polish_records([record], scenes, niah, 1, 1, 1, 0)] == ["s1_c00_p", "s1_c00", "r1_c00"]
+    # follow-up versions go after each domain's replay
+    study_follow_up, scene_follow_up = dict(record, id="s1_f00"), dict(scenes[0], id="r1_f00")
+    with_follow_ups = polish_records([record, second], scenes, niah, 1, 1, 0, 1, ct_follow_ups=[study_follow_up],
+                                     rs_follow_ups=[scene_follow_up])
+    assert [r["id"] for r in with_follow_ups] == ["s1_c00_p", "s1_c01_p", "s1_c00", "s1_f00", "r1_f00", "n0"]
 
 
 def test_split_per_question_rejects_broken_conversations(tmp_path):
@@ -367,8 +376,11 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
         "polish_train.json")}
     assert len(files["vision_train.json"]) == len(files["single_train.json"]) + 2  # 500 x 0.004 needles
     assert len(files["ct_train_shuffled.json"]) == 2 * 3 and len(files["niah_train.json"]) == 4
-    # polish: 6 presence-only conversations twice, the 2 studies' and 2 scenes' first two versions, 4 NIAH
-    assert len(files["polish_train.json"]) == 6 * 2 + 2 * 2 + 2 * 2 + 4
+    # polish: 6 presence-only conversations twice, the 2 studies' first version and the 2 scenes' first two,
+    # a follow-up version of each study and scene, 4 NIAH
+    polish_ids = [r["id"] for r in files["polish_train.json"]]
+    assert len(polish_ids) == 6 * 2 + 2 + 2 * 2 + 2 + 2 + 4
+    assert sum(i.endswith("_f00") for i in polish_ids) == 4 and sum(i.endswith("_p") for i in polish_ids) == 12
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]) == 0
     assert json.loads((out / "vision_train.json").read_text()) == vision_records(files["single_train.json"])
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--slab-presence"]) == 0
@@ -421,7 +433,7 @@ def test_study_bags_hold_each_study_s_slabs_in_order_with_the_union_of_their_lab
     ]
 
 
-def test_demo_recipes_train_a_few_steps_in_three_stages_and_the_optional_polish(tiny_build, tmp_path):
+def test_demo_recipes_train_a_few_steps_in_four_stages(tiny_build, tmp_path):
     from finetune.train import run_training
 
     cache = tmp_path / "cache"

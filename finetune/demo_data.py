@@ -285,6 +285,10 @@ def write_polish_records(out_dir: str | Path, seed: int = 0, presence_copies: in
     """``polish_train.json`` in ``out_dir`` from its ``ct_train_shuffled.json``, ``rs_train_shuffled.json``
     and ``niah_train.json``, with one follow-up version (seeded by ``seed``, as in
     :func:`write_shuffled_records`) of every record of each of ``follow_up_sources`` (:func:`polish_records`)."""
+    unknown = sorted(set(follow_up_sources) - set(SHUFFLED_SOURCES))
+    if unknown:
+        raise DemoDataError(f"follow-up sources {unknown} for {out_dir}/polish_train.json: use "
+                            f"{' and/or '.join(SHUFFLED_SOURCES)}")
     ct, rs, niah = (json.loads(_built_file(out_dir, name).read_text()) for name in
                     ("ct_train_shuffled.json", "rs_train_shuffled.json", "niah_train.json"))
     follow_ups = {name: [version for index, record in enumerate(json.loads(_built_file(out_dir, name).read_text()))

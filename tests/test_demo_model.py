@@ -381,6 +381,8 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     polish_ids = [r["id"] for r in files["polish_train.json"]]
     assert len(polish_ids) == 6 * 2 + 2 + 2 * 2 + 2 + 2 + 4
     assert sum(i.endswith("_f00") for i in polish_ids) == 4 and sum(i.endswith("_p") for i in polish_ids) == 12
+    with pytest.raises(DemoDataError, match="niah_train.json"):
+        write_polish_records(out, follow_up_sources=("niah_train.json",))
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]) == 0
     assert json.loads((out / "vision_train.json").read_text()) == vision_records(files["single_train.json"])
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--slab-presence"]) == 0

@@ -32,7 +32,8 @@ class AppInputError(UserInputError):
     """Bad input given to an app (no file, file too large, question missing, nothing loaded yet)."""
 
 
-RENDER_FIELDS: tuple[str, ...] = ("num_slices", "spacing_mm", "window", "slice_size", "tile_size", "max_tiles")
+RENDER_FIELDS: tuple[str, ...] = ("num_slices", "spacing_mm", "window", "slice_size", "tile_size", "max_tiles",
+                                  "tile_labels")
 DEFAULT_MAX_TILES = 64
 
 
@@ -43,7 +44,8 @@ class AppConfig:
     Rendering (None = not set): ``num_slices`` / ``spacing_mm`` / ``window`` / ``slice_size`` go to
     ``ct_to_slices`` (unset: the study's own slice count clipped to 100-984, multi-window RGB, the
     vision tower's input size); ``tile_size`` / ``max_tiles`` go to ``tile_image`` (unset: the vision
-    input size and 64 tiles). A model folder's ``longllava_defaults.json`` (written by training) fills
+    input size and 64 tiles; ``tile_labels``, each tile's place as text, only for a model trained
+    with it). A model folder's ``longllava_defaults.json`` (written by training) fills
     what the command line left unset, so the apps render inputs the way the model saw them.
     ``preload_samples`` opens every page with the sample study and image already loaded.
     """
@@ -57,6 +59,7 @@ class AppConfig:
     slice_size: int | None = None
     tile_size: int | None = None
     max_tiles: int | None = None
+    tile_labels: bool | None = None
     max_new_tokens: int = 256
     findings_max_new_tokens: int = 384
     preload_samples: bool = False

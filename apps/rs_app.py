@@ -73,7 +73,8 @@ def load_image(paths: list[Path], config: AppConfig, tile_size: int) -> RSImage:
     if len(paths) > 1:
         raise AppInputError(f"{len(paths)} files uploaded: upload one image at a time")
     check_upload_size(paths, config.max_upload_mb)
-    tiled = tile_image(paths[0], tile_size=tile_size, max_tiles=config.max_tiles or DEFAULT_MAX_TILES)
+    tiled = tile_image(paths[0], tile_size=tile_size, max_tiles=config.max_tiles or DEFAULT_MAX_TILES,
+                       tile_labels=bool(config.tile_labels))
     rows, cols = (int(v) for v in tiled.grid)
     cell = max(24, min(MAX_CELL, OVERVIEW_MAX_SIDE // max(rows, cols)))  # display size, may upscale
     tile_images = list(tiled.iter_tiles())

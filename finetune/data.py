@@ -9,6 +9,7 @@ A record (one JSON object; files are a JSON list or JSONL)::
      "ct": "study.nii.gz",                   # instead of images: a CT study -> ordered slice series
      "raster": "scene.tif",                  # instead of images: a large raster -> thumbnail + tile grid
      "render": {"num_slices": 128, "max_tiles": 64, "tile_size": 336},   # options for ct / raster
+                                             # (+ "tile_labels": true for grids; see longllava.protocol)
      "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}
 
 The synthetic sets' form is accepted too: one ``image`` that is a CT study (``.nii``/``.nii.gz``/``.zip``/
@@ -250,13 +251,18 @@ def mix_with_replay(
 # option (``window``) leaves cached satellite tiles valid and a tiling option leaves CT slices valid.
 CT_RENDER_OPTIONS = ("num_slices", "spacing_mm", "window", "size")
 CT_LOAD_OPTIONS = ("ct_rate_metadata",)
-RASTER_RENDER_OPTIONS = ("tile_size", "max_tiles")
+RASTER_RENDER_OPTIONS = ("tile_size", "max_tiles", "tile_labels")
 
 
 def render_options(record: TrainingRecord) -> dict:
-    """The part of ``record.render`` its renderer reads (CT: slicing + loading options; raster: tiling)."""
+    """The part of ``record.render`` its renderer reads (CT: slicing + loading options; raster: tiling).
+
+    ``tile_labels: false`` is left out, so it keys the same cached rendering as no option at all."""
     names = CT_RENDER_OPTIONS + CT_LOAD_OPTIONS if record.ct is not None else RASTER_RENDER_OPTIONS
-    return {name: record.render[name] for name in names if name in record.render}
+    options = {name: record.render[name] for name in names if name in record.render}
+    if not options.get("tile_labels", True):
+        del options["tile_labels"]
+    return options
 
 
 def _cache_key(source: Path, options: dict) -> str:
@@ -299,7 +305,7 @@ def _render_ct(record: TrainingRecord) -> tuple[list, str]:
 def _render_raster(record: TrainingRecord) -> tuple[list, str]:
     from domain_data.remote_sensing.tiling import tile_image
 
-    options = {k: v for k, v in record.render.items() if k in RASTER_RENDER_OPTIONS}
+    options = render_options(record)
     with tile_image(record.raster, **options) as tiled:
         return list(tiled.images()), tiled.prompt
 
@@ -314,7 +320,8 @@ def record_visuals(record: TrainingRecord, cache_dir: str | Path | None = None) 
             return Visuals((), "")
         grid = record.grid if record.layout == "grid" else None
         try:
-            prompt = protocol.visual_prompt(record.layout, len(record.images), grid)  # type: ignore[arg-type]
+            prompt = protocol.visual_prompt(record.layout, len(record.images), grid,  # type: ignore[arg-type]
+                                            tile_labels=bool(record.render.get("tile_labels")))
         except ValueError as error:
             raise DataError(f"{record.where}: {error}") from None
         return Visuals(record.images, prompt)

@@ -6,7 +6,9 @@ How images relate is told to the model with text around each ``<image>`` placeho
 * an ordered series:    ``<vid>`` + frames joined by ``<t>`` + ``</vid>``, each frame ``<img><image></img>``
   (video frames, CT slices);
 * sub-images of one large image: the thumbnail, ``\\n``, then the grid row by row (top-left to
-  bottom-right), each row a run of ``<img><image></img>``, rows separated by ``\\n``.
+  bottom-right), each row a run of ``<img><image></img>``, rows separated by ``\\n``. An option that
+  is not the paper's (``tile_labels``, for models trained with it, such as the bundled demo model) writes
+  each tile's place before it as text, ``(row,column)`` 1-based: ``(1,1)<img><image></img>(1,2)...``.
 
 The processor later expands every ``<image>`` to the model's number of tokens per image.
 """
@@ -75,21 +77,33 @@ def series_prompt(n: int) -> str:
     return VID_START + FRAME_SEP.join([image_block()] * n) + VID_END
 
 
-def grid_prompt(rows: int, cols: int, thumbnail: bool = True) -> str:
+def tile_label(row: int, col: int) -> str:
+    """The text written before a tile with ``tile_labels``: ``(row,column)``, 1-based."""
+    return f"({row},{col})"
+
+
+def grid_prompt(rows: int, cols: int, thumbnail: bool = True, tile_labels: bool = False) -> str:
     """Sub-images of one large image: thumbnail, ``\\n``, then ``rows`` rows of ``cols`` tiles.
 
     Tiles are listed row by row, top-left to bottom-right; rows are separated by ``\\n``.
     The image order expected by the model is therefore: thumbnail first (if any), then tiles in
-    row-major order.
+    row-major order. ``tile_labels`` writes :func:`tile_label` before each tile (not the paper's
+    protocol: only for models trained with it).
     """
     _check_count("grid rows", rows)
     _check_count("grid columns", cols)
-    grid = "\n".join(image_block() * cols for _ in range(rows))
+
+    def tile(row: int, col: int) -> str:
+        return (tile_label(row, col) if tile_labels else "") + image_block()
+
+    grid = "\n".join("".join(tile(r, c) for c in range(1, cols + 1)) for r in range(1, rows + 1))
     return (image_block() + "\n" + grid) if thumbnail else grid
 
 
-def visual_prompt(layout: Layout, n_images: int, grid: tuple[int, int] | None = None) -> str:
-    """The visual part of a prompt for a layout; ``grid`` = (rows, cols) for ``layout='grid'``."""
+def visual_prompt(layout: Layout, n_images: int, grid: tuple[int, int] | None = None,
+                  tile_labels: bool = False) -> str:
+    """The visual part of a prompt for a layout; ``grid`` = (rows, cols) for ``layout='grid'``
+    (``tile_labels``: see :func:`grid_prompt`)."""
     if layout == "images":
         return images_prompt(n_images)
     if layout == "series":
@@ -100,7 +114,7 @@ def visual_prompt(layout: Layout, n_images: int, grid: tuple[int, int] | None = 
         rows, cols = grid
         if n_images not in (rows * cols, rows * cols + 1):
             raise ValueError(f"grid {rows}x{cols} needs {rows * cols} tiles (+1 thumbnail), got {n_images} images")
-        return grid_prompt(rows, cols, thumbnail=n_images == rows * cols + 1)
+        return grid_prompt(rows, cols, thumbnail=n_images == rows * cols + 1, tile_labels=tile_labels)
     raise ValueError(f"unknown layout {layout!r}: use 'images', 'series' or 'grid'")
 
 

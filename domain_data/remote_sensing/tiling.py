@@ -234,6 +234,7 @@ class TiledImage:
     thumbnail_box: tuple[int, int, int, int]
     owns_raster: bool = False
     pad_colour: tuple[int, int, int] = field(default=PAD_COLOUR)
+    tile_labels: bool = False  # write each tile's (row,column) before it in :attr:`prompt`
 
     # -- shape -----------------------------------------------------------------------------------
     @property
@@ -272,7 +273,7 @@ class TiledImage:
     @property
     def prompt(self) -> str:
         """The visual prompt: thumbnail, ``\\n``, then the rows of tiles (longllava.protocol)."""
-        return grid_prompt(self.plan.rows, self.plan.cols, thumbnail=True)
+        return grid_prompt(self.plan.rows, self.plan.cols, thumbnail=True, tile_labels=self.tile_labels)
 
     @property
     def tiles(self) -> LazyTiles:
@@ -368,10 +369,13 @@ class TiledImage:
 
 
 def tile_image(raster_or_path: Raster | str | os.PathLike, tile_size: int = DEFAULT_TILE_SIZE,
-               max_tiles: int = DEFAULT_MAX_TILES, bands: tuple[int, int, int] | None = None) -> TiledImage:
+               max_tiles: int = DEFAULT_MAX_TILES, bands: tuple[int, int, int] | None = None,
+               tile_labels: bool = False) -> TiledImage:
     """Plan the grid, read the thumbnail and return a :class:`TiledImage` whose tiles read lazily.
 
     A path is opened with :func:`open_raster` (``bands`` applies then) and owned by the result.
+    ``tile_labels`` (not the paper's protocol; for models trained with it) writes each tile's
+    ``(row,column)`` before it in the prompt.
     """
     owns = not isinstance(raster_or_path, Raster)
     raster = open_raster(raster_or_path, bands=bands) if owns else raster_or_path
@@ -384,4 +388,4 @@ def tile_image(raster_or_path: Raster | str | os.PathLike, tile_size: int = DEFA
         if owns:
             raster.close()
         raise
-    return TiledImage(raster, plan, infos, thumbnail, box, owns_raster=owns)
+    return TiledImage(raster, plan, infos, thumbnail, box, owns_raster=owns, tile_labels=bool(tile_labels))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from apps.common import (
 )
 from domain_data.medical.errors import CTInputError
 from longllava.errors import UserInputError
+from longllava.protocol import grid_prompt
 
 
 @pytest.fixture()
@@ -222,6 +224,9 @@ def test_referenced_tiles_are_highlighted_and_exported(raster_file: Path, config
 
     image = load_image([raster_file], config, tile_size=56)
     assert image.grid == (2, 2) and len(image.model_images()) == 5
+    assert image.tiled.prompt == grid_prompt(2, 2)  # tiles labelled only for a model trained with labels
+    labelled = load_image([raster_file], dataclasses.replace(config, tile_labels=True), tile_size=56)
+    assert labelled.tiled.prompt == grid_prompt(2, 2, tile_labels=True)
     answer = "The bright squares are in row 1, column 2."
     image.referenced = referenced_tiles(answer, image)
     assert image.referenced == [(0, 1)]
@@ -364,9 +369,11 @@ def test_model_folder_render_defaults_fill_unset_options(tiny_model_dir: Path, t
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
-    write_inference_defaults(model_dir, {"num_slices": 6, "size": 48, "tile_size": 112, "max_tiles": 9})
+    write_inference_defaults(model_dir, {"num_slices": 6, "size": 48, "tile_size": 112, "max_tiles": 9,
+                                         "tile_labels": True})
     config = apply_model_defaults(AppConfig(max_tiles=4, cache_dir=tmp_path / "cache"), str(model_dir))
     assert (config.num_slices, config.slice_size, config.tile_size, config.max_tiles) == (6, 48, 112, 4)
+    assert config.tile_labels is True
     assert apply_model_defaults(AppConfig(), str(tiny_model_dir)) == AppConfig()  # nothing recorded
     study = load_study([study_files.nifti], config, slice_size=config.slice_size)
     assert len(study.model_slices) == 6 and study.model_slices[0].size == (48, 48)

@@ -211,6 +211,13 @@ def test_cache_is_keyed_by_the_options_each_renderer_reads(tmp_path, synthetic_s
     assert data.record_visuals(replace(ct, render={**ct.render, "max_tiles": 9}), tmp_path / "c") == ct_visuals
     with pytest.raises(AssertionError, match="re-rendered"):  # an option it reads does re-render
         data.record_visuals(replace(ct, render={**ct.render, "window": "slab"}), tmp_path / "c")
+    # tile_labels: false is the cached rendering without labels; true renders the labelled prompt
+    unlabelled = replace(scene, render={**scene.render, "tile_labels": False})
+    assert data.record_visuals(unlabelled, tmp_path / "c") == scene_visuals
+    monkeypatch.undo()
+    labelled = data.record_visuals(replace(scene, render={**scene.render, "tile_labels": True}), tmp_path / "c")
+    assert labelled.prompt == protocol.grid_prompt(2, 2, tile_labels=True)
+    assert labelled.paths != scene_visuals.paths and scene_visuals.prompt == protocol.grid_prompt(2, 2)
 
 
 def test_replay_mix_is_seeded_and_sized():

@@ -28,6 +28,16 @@ def test_grid_prompt_thumbnail_then_rows():
     assert protocol.visual_prompt("series", 2) == protocol.series_prompt(2)
 
 
+def test_tile_labels_write_each_tiles_place_before_it():
+    assert protocol.grid_prompt(2, 2, tile_labels=True) == (
+        f"{BLOCK}\n(1,1){BLOCK}(1,2){BLOCK}\n(2,1){BLOCK}(2,2){BLOCK}")
+    labelled = protocol.visual_prompt("grid", 7, grid=(2, 3), tile_labels=True)
+    assert labelled == protocol.grid_prompt(2, 3, tile_labels=True)
+    assert protocol.count_images(labelled) == 7
+    assert labelled.replace("(2,3)", "").count("(") == 5  # one label per tile, none on the thumbnail
+    assert labelled.replace(protocol.tile_label(1, 2), "", 1) != labelled
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

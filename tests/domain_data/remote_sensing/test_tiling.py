@@ -159,10 +159,12 @@ def test_bounds_agree_with_rasterio(tiled_case):
 
 
 def test_prompt_images_and_lazy_tiles(tiled_case):
-    case, _, _, tiled = tiled_case
+    case, path, _, tiled = tiled_case
     rows, cols = tiled.grid
     assert tiled.prompt == grid_prompt(rows, cols)
     assert count_images(tiled.prompt) == rows * cols + 1
+    with tile_image(path, tile_size=case.tile_size, max_tiles=case.max_tiles, tile_labels=True) as labelled:
+        assert labelled.prompt == grid_prompt(rows, cols, tile_labels=True) != tiled.prompt
     tiles = tiled.tiles
     assert isinstance(tiles, LazyTiles) and len(tiles) == rows * cols
     iterator = iter(tiles)

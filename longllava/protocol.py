@@ -7,8 +7,8 @@ How images relate is told to the model with text around each ``<image>`` placeho
   (video frames, CT slices);
 * sub-images of one large image: the thumbnail, ``\\n``, then the grid row by row (top-left to
   bottom-right), each row a run of ``<img><image></img>``, rows separated by ``\\n``. An option that
-  is not the paper's (``tile_labels``, for models trained with it, such as the bundled demo model) writes
-  each tile's place before it as text, ``(row,column)`` 1-based: ``(1,1)<img><image></img>(1,2)...``.
+  is not the paper's (``tile_labels``, only for models trained with it) writes each tile's place
+  before it as text, ``(row,column)`` 1-based: ``(1,1)<img><image></img>(1,2)...``.
 
 The processor later expands every ``<image>`` to the model's number of tokens per image.
 """

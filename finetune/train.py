@@ -474,39 +474,78 @@ def answer_turn_ids(labels: Any) -> Any:
     return torch.cumsum(starts.long(), dim=1) * supervised.long()
 
 
+def supervised_positions(labels: Any) -> Any:
+    """(batch, seq) labels -> bool (batch, seq): the positions whose logits a causal-LM loss reads.
+
+    Position t predicts label t + 1, so t is kept when label t + 1 is supervised; the last position never is.
+    Passed as ``logits_to_keep``, the LM head runs only there: on a 1,000-image sequence of the 9B (144,000
+    image tokens, vocabulary 65,536) the full logits alone would take 38 GB in fp32.
+    """
+    import torch
+
+    from finetune.data import IGNORE_INDEX
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def kept_targets(labels: Any) -> Any:
+    """(batch, seq) labels -> (n_kept,) next-token targets, in the order ``logits[supervised_positions]`` has."""
+    from finetune.data import IGNORE_INDEX
+
+    return labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+
+
 def turn_averaged_loss(logits: Any, labels: Any) -> Any:
     """Causal-LM cross entropy averaged within each answer turn, then over the batch's turns.
 
-    ``logits`` (batch, seq, vocab) and ``labels`` (batch, seq) as the model sees them; position t predicts
-    label t + 1, as in HF's loss. Raises when nothing is supervised.
+    ``logits``: (batch, seq, vocab) for every position, or (n_kept, vocab) for the positions
+    :func:`supervised_positions` keeps (what the model returns for ``logits_to_keep=supervised_positions``);
+    ``labels`` (batch, seq) as the model sees them; position t predicts label t + 1, as in HF's loss.
+    Raises when nothing is supervised.
     """
     import torch
     import torch.nn.functional as F
 
-    from finetune.data import IGNORE_INDEX
-
-    shifted_labels = labels[:, 1:]  # (batch, seq - 1)
-    token_loss = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (batch, seq - 1)
-    turns = answer_turn_ids(shifted_labels)
+    keep = supervised_positions(labels)  # (batch, seq)
+    if logits.dim() == 3:
+        logits = logits[keep]  # (n_kept, vocab)
+    turns = answer_turn_ids(labels[:, 1:])  # (batch, seq - 1)
     n_turns = int(turns.max(dim=1).values.sum())
     if n_turns == 0:
         raise FinetuneError("turn_averaged_loss: no supervised answer token in the batch")
-    # a slot per (row, turn): row r's turn t -> r * slots + t; slot r * slots collects r's unsupervised positions
+    token_loss = F.cross_entropy(logits.float(), kept_targets(labels), reduction="none")  # (n_kept,)
+    # a slot per (row, turn): row r's turn t -> r * slots + t
     slots = int(turns.max()) + 1
-    flat = (turns + torch.arange(turns.shape[0], device=turns.device)[:, None] * slots).reshape(-1)
-    turn_lengths = torch.bincount(flat, minlength=turns.shape[0] * slots)[flat]  # (batch * (seq - 1),)
-    weights = (turns.reshape(-1) > 0).float() / turn_lengths.float()  # 1 / its turn's length, 0 off answers
-    return (weights * token_loss.reshape(-1)).sum() / n_turns
+    slot_of = turns + torch.arange(turns.shape[0], device=turns.device)[:, None] * slots  # (batch, seq - 1)
+    kept_slots = slot_of[turns > 0]  # (n_kept,), row-major like the kept logits
+    turn_lengths = torch.bincount(kept_slots, minlength=turns.shape[0] * slots)[kept_slots]
+    return (token_loss / turn_lengths.float()).sum() / n_turns
+
+
+def token_averaged_loss(logits: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+    """HF's causal-LM loss on kept logits (n_kept, vocab): the mean over supervised tokens, or their sum over
+    ``num_items_in_batch`` (the Trainer's count across gradient accumulation) when it is given."""
+    import torch.nn.functional as F
+
+    targets = kept_targets(labels)
+    if targets.numel() == 0:
+        raise FinetuneError("token_averaged_loss: no supervised answer token in the batch")
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits.float(), targets)
+    if hasattr(num_items_in_batch, "to"):
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum") / num_items_in_batch
 
 
 def _trainer_class() -> Any:
     from transformers import Trainer
 
     class LongLlavaTrainer(Trainer):
-        """``Trainer`` whose resume restores every weight of a full-mode checkpoint, and whose loss can
-        average answer turns instead of tokens (``loss_average``).
+        """``Trainer`` whose resume restores every weight of a full-mode checkpoint, whose LM head runs only
+        where an answer token is predicted, and whose loss can average answer turns instead of tokens
+        (``loss_average``; ``None`` leaves the loss to the model).
 
         transformers 5 saves fused MoE experts in the per-expert layout (``experts.N.gate_proj``) and
         converts them back only in ``from_pretrained``; the stock resume path loads the file with
@@ -515,19 +554,25 @@ def _trainer_class() -> Any:
         DeepSpeed checkpoints keep the stock path (their own formats).
         """
 
-        def __init__(self, *args, loss_average: str = "token", **kwargs):
+        def __init__(self, *args, loss_average: str | None = "token", **kwargs):
             super().__init__(*args, **kwargs)
-            self.loss_average = loss_average
+            self.loss_average = loss_average  # None: the model computes its own loss (the vision stage's head)
             if loss_average == "turn":
                 self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: Trainer divides by the GA steps
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.loss_average == "token":
+            """The recipe's loss from logits at the supervised positions only (``logits_to_keep``)."""
+            if self.loss_average is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = dict(inputs)
             labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = turn_averaged_loss(outputs.logits, labels)
+            outputs = model(**inputs, logits_to_keep=supervised_positions(labels))  # logits (n_kept, vocab)
+            if self.loss_average == "turn":
+                loss = turn_averaged_loss(outputs.logits, labels)
+            else:
+                loss = token_averaged_loss(outputs.logits, labels, num_items_in_batch)
+                if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: a global count
             return (loss, outputs) if return_outputs else loss
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -675,7 +720,7 @@ def _vision_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_di
     dataset = vision.LabelledImageDataset(records, vocabulary, processor.image_processor)
     _write_resolved_recipe(recipe, output_dir)
     trainer = _trainer_class()(model=head, args=args, train_dataset=dataset, data_collator=vision.collate_bags,
-                               callbacks=[_loss_logger(recipe, output_dir), *callbacks])
+                               callbacks=[_loss_logger(recipe, output_dir), *callbacks], loss_average=None)
 
     def save(final_dir: Path) -> None:
         if trainer.is_world_process_zero():

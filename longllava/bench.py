@@ -1,4 +1,4 @@
-"""``longllava bench {scan,scaling,images,gpu}``: performance figures printed as side-by-side tables.
+"""``longllava bench {scan,scaling,images,train,gpu}``: performance figures printed as side-by-side tables.
 
 Every bench prints a table (or one JSON document with ``--json``) and measures, never assumes:
 
@@ -14,6 +14,10 @@ Every bench prints a table (or one JSON document with ``--json``) and measures, 
   peak RSS of each run; runs whose estimated time exceeds ``--budget-s`` are skipped and say so.
 * ``images``: N images through the demo preset (random weights) with :class:`LongContextSession`:
   wall time, tokens/s and peak RSS per N, and the RSS growth between the two largest N.
+* ``train``: one training step (frozen vision tower, projector and LLM trained) on N images and an answer,
+  the LM head over every position (the stock Hugging Face loss) and only where an answer token is
+  predicted (``finetune.train``'s ``logits_to_keep``), side by side: seconds per step, peak RSS (CPU) or
+  peak GPU memory, and the largest loss / gradient difference between the two.
 * ``gpu``: CUDA only: 9B-shape random weights, 100k-token prefill, decode tokens/s, peak GPU memory
   and the planner's largest image count for the card.
 
@@ -42,7 +46,7 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="performance benchmarks (scan, scaling, images, gpu)")
+    parser = subparsers.add_parser("bench", help="performance benchmarks (scan, scaling, images, train, gpu)")
     benches = parser.add_subparsers(dest="bench", metavar="BENCH")
     benches.required = True
 
@@ -69,6 +73,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     images.add_argument("--chunk-tokens", type=int, default=8192)
     images.add_argument("--max-new-tokens", type=int, default=16)
     images.add_argument("--quick", action="store_true", help="toy size: tiny preset, default counts 2 4")
+
+    train = _add_bench(benches, "train", "a training step: LM head on every position vs answer positions only",
+                       run_train_command)
+    train.add_argument("--images", type=int, nargs="+", default=None, help="images per sequence (16 200)")
+    train.add_argument("--preset", default=None, help="model preset (demo)")
+    train.add_argument("--answer-tokens", type=int, default=64, help="supervised tokens at the end")
+    train.add_argument("--vocab", type=int, default=65536,
+                       help="output vocabulary (65,536: Jamba's, as in LongLLaVA-9B; the demo model has 4,096)")
+    train.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
+    train.add_argument("--quick", action="store_true", help="toy size: tiny preset, default images 4")
 
     gpu = _add_bench(benches, "gpu", "9B shape on CUDA: 100k-token prefill, decode, memory", run_gpu_command)
     gpu.add_argument("--preset", default="9b")
@@ -528,6 +542,114 @@ def run_images_command(args: argparse.Namespace) -> int:
     if "rss_growth" in payload:
         growth = payload["rss_growth"]
         notes.append(f"peak RSS growth {growth['from']} -> {growth['to']} images: x{growth['ratio']:.2f}")
+    _emit(args, payload, format_table(headers, rows), notes)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench train
+# ----------------------------------------------------------------------------------------------------
+
+
+def _train_batch(processor, config, images: int, answer_tokens: int, device) -> dict[str, Any]:
+    """One sequence: ``images`` image placeholders (expanded), a short prompt, ``answer_tokens`` supervised."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = config.text_config.vocab_size
+    image_ids = torch.full((images * processor.tokens_per_image,), config.image_token_id)
+    prompt = torch.randint(3, vocab - 1, (32,), generator=generator)
+    answer = torch.randint(3, vocab - 1, (answer_tokens,), generator=generator)
+    prompt[prompt == config.image_token_id], answer[answer == config.image_token_id] = 3, 3  # text only
+    input_ids = torch.cat([prompt[:16], image_ids, prompt[16:], answer])[None]  # (1, seq)
+    labels = torch.full_like(input_ids, -100)
+    labels[0, -answer_tokens:] = answer
+    size = config.vision_config.image_size
+    pixels = torch.randn(images, 3, size, size, generator=generator)
+    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+            "pixel_values": pixels.to(device), "labels": labels.to(device)}
+
+
+def _train_step(model, batch: dict[str, Any], logits: str):
+    """Loss and trainable-parameter gradients of one step; ``logits`` 'all' (stock HF loss) or 'answer'."""
+    import torch
+
+    from finetune.train import supervised_positions, token_averaged_loss
+
+    if logits == "all":
+        loss = model(**batch).loss
+    else:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        output = model(**inputs, logits_to_keep=supervised_positions(batch["labels"]))  # (n_answer, vocab)
+        loss = token_averaged_loss(output.logits, batch["labels"])
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, trainable)
+
+
+def train_step_run(preset: str, images: int, answer_tokens: int, logits: str, steps: int,
+                   vocab: int = 65536) -> dict[str, Any]:
+    """Seconds per training step and peak memory with the LM head on ``logits`` positions (see module doc)."""
+    import torch
+
+    from longllava.loading import build_model
+    from longllava.scan import install_fast_scan
+    from longllava.tokenizer import build_tokenizer
+
+    install_fast_scan()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = build_model(preset, build_tokenizer(vocab_size=4096), seed=0)
+    model.resize_token_embeddings(vocab)  # the tokenizer's ids stay; the LM head grows to ``vocab`` rows
+    model = model.to(device).train()
+    model.model.vision_tower.requires_grad_(False)  # the stages after the vision stage keep the tower frozen
+    batch = _train_batch(processor, model.config, images, answer_tokens, device)
+    loss, grads = _train_step(model, batch, logits)  # warm-up: numba kernels loaded, allocator primed
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss, grads = _train_step(model, batch, logits)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / steps
+    checksum = torch.stack([grad.double().square().sum() for grad in grads]).sum().sqrt()
+    return {
+        "logits": logits,
+        "images": images,
+        "tokens": int(batch["input_ids"].shape[1]),
+        "answer_tokens": answer_tokens,
+        "vocab": model.config.text_config.vocab_size,
+        "seconds_per_step": seconds,
+        "loss": float(loss),
+        "grad_norm": float(checksum),
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+    }
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    preset = args.preset or ("tiny" if args.quick else "demo")
+    counts = args.images or ([4] if args.quick else [16, 200])
+    runs = [
+        run_isolated(train_step_run, args.in_process, preset=preset, images=count, answer_tokens=args.answer_tokens,
+                     logits=logits, steps=args.steps, vocab=args.vocab)
+        for count in counts for logits in ("all", "answer")
+    ]
+    payload = {"bench": "train", "machine": machine_description(), "preset": preset, "runs": runs}
+    memory_key = "peak_gpu_memory_gb" if runs[0]["peak_gpu_memory_gb"] is not None else "peak_rss_mb"
+    rows = []
+    for full, kept in zip(runs[::2], runs[1::2]):
+        rows.append([full["images"], full["tokens"], full["seconds_per_step"], kept["seconds_per_step"],
+                     f"{kept['seconds_per_step'] / full['seconds_per_step']:.2f}x", full[memory_key], kept[memory_key],
+                     abs(kept["loss"] - full["loss"]) / abs(full["loss"]),
+                     abs(kept["grad_norm"] - full["grad_norm"]) / full["grad_norm"]])
+    memory = "peak GPU GB" if memory_key == "peak_gpu_memory_gb" else "peak RSS MB"
+    headers = ["images", "tokens", "all s/step", "answer s/step", "answer/all", f"all {memory}",
+               f"answer {memory}", "loss rel. diff", "grad-norm rel. diff"]
+    notes = [f"{preset} preset, vocabulary {args.vocab:,}, random weights, float32, batch 1, {args.answer_tokens} "
+             "supervised tokens, vision "
+             f"tower frozen, {args.steps} timed steps after a warm-up; 'all': the stock loss over logits at every "
+             "position; 'answer': logits only where an answer token is predicted (what `longllava finetune` runs). "
+             f"Peak memory of the whole process (model, activations, gradients)."]
     _emit(args, payload, format_table(headers, rows), notes)
     return 0
 

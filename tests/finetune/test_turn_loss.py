@@ -14,6 +14,8 @@ from finetune.train import (
     load_recipe,
     read_loss_csv,
     run_training,
+    supervised_positions,
+    token_averaged_loss,
     turn_averaged_loss,
 )
 from longllava.loading import load_model
@@ -75,6 +77,48 @@ def test_trainer_computes_the_recipes_loss(tiny_base, tmp_path):
         by_token = _trainer_class()(model=model, args=args).compute_loss(model, dict(batch))
     torch.testing.assert_close(by_turn, turn_averaged_loss(logits, labels))
     torch.testing.assert_close(by_token, _token_losses(logits, labels)[labels[:, 1:] != X].mean())
+
+
+def test_kept_logits_give_the_full_logits_loss():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 9, 11, generator=generator)
+    labels = torch.tensor([[X, X, 3, X, 1, 2, 3, 4, X], [X, X, X, X, X, X, 9, 10, X]])
+    keep = supervised_positions(labels)
+    assert keep.tolist()[0] == [False, True, False, True, True, True, True, False, False]
+    assert keep[:, -1].eq(False).all()
+    kept = logits[keep]  # (n_kept, vocab), what the model returns for logits_to_keep=keep
+    torch.testing.assert_close(turn_averaged_loss(kept, labels), turn_averaged_loss(logits, labels))
+    token = _token_losses(logits, labels)[labels[:, 1:] != X]
+    torch.testing.assert_close(token_averaged_loss(kept, labels), token.mean())
+    torch.testing.assert_close(token_averaged_loss(kept, labels, torch.tensor(20)), token.sum() / 20)
+    with pytest.raises(FinetuneError, match="no supervised answer token"):
+        token_averaged_loss(kept[:0], torch.full((1, 6), X))
+
+
+@pytest.mark.parametrize("loss_average", ["token", "turn"])
+def test_trainer_runs_the_lm_head_only_where_labels_are_and_keeps_the_gradients(tiny_base, tmp_path, loss_average):
+    from transformers import TrainingArguments
+
+    model, _ = load_model(tiny_base)
+    model.eval()
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(3, 200, (2, 16), generator=generator)
+    labels = torch.full_like(input_ids, X)
+    labels[0, 4:7], labels[0, 10:13], labels[1, 8:15] = input_ids[0, 4:7], input_ids[0, 10:13], input_ids[1, 8:15]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = _trainer_class()(model=model, args=args, loss_average=loss_average)
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape == (13, model.config.text_config.vocab_size)  # 3 + 3 + 7 supervised tokens
+    text_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    kept_grads = torch.autograd.grad(loss, text_params)
+    full_logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits  # (2, 16, vocab)
+    reference = (turn_averaged_loss(full_logits, labels) if loss_average == "turn"
+                 else _token_losses(full_logits, labels)[labels[:, 1:] != X].mean())
+    torch.testing.assert_close(loss, reference)
+    full_grads = torch.autograd.grad(reference, text_params)
+    for kept_grad, full_grad in zip(kept_grads, full_grads):
+        torch.testing.assert_close(kept_grad, full_grad)
 
 
 def test_recipe_key_validates_and_a_turn_run_trains(tmp_path, colour_set, make_recipe):

@@ -60,6 +60,16 @@ def test_bench_images_quick(capsys):
     assert payload["rss_growth"]["ratio"] > 0
 
 
+def test_bench_train_quick_same_loss_and_gradients_fewer_logits(capsys):
+    payload = run_json(capsys, "train", "--quick", "--steps", "1", "--vocab", "512", "--answer-tokens", "8")
+    full, kept = payload["runs"]
+    assert (full["logits"], kept["logits"]) == ("all", "answer") and full["images"] == kept["images"] == 4
+    assert full["vocab"] == 512 and full["tokens"] == 4 * 16 + 32 + 8
+    assert abs(kept["loss"] - full["loss"]) <= 1e-5 * full["loss"]
+    assert abs(kept["grad_norm"] - full["grad_norm"]) <= 1e-5 * full["grad_norm"]
+    assert kept["seconds_per_step"] > 0 and full["peak_rss_mb"] > 0
+
+
 def test_bench_gpu_says_why_on_cpu(capsys):
     pytest.importorskip("torch")
     import torch

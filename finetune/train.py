@@ -539,6 +539,20 @@ def token_averaged_loss(logits: Any, labels: Any, num_items_in_batch: Any = None
     return F.cross_entropy(logits.float(), targets, reduction="sum") / num_items_in_batch
 
 
+def answer_loss(model: Any, batch: dict, loss_average: str = "token", num_items_in_batch: Any = None) -> tuple:
+    """(loss, outputs) of a labelled batch with the LM head run only at :func:`supervised_positions`.
+
+    ``loss_average``: ``token`` (HF's causal-LM loss; with ``num_items_in_batch``, the sum over that count)
+    or ``turn`` (:func:`turn_averaged_loss`). ``outputs.logits`` is (n_kept, vocab).
+    """
+    inputs = dict(batch)
+    labels = inputs.pop("labels")
+    outputs = model(**inputs, logits_to_keep=supervised_positions(labels))
+    if loss_average == "turn":
+        return turn_averaged_loss(outputs.logits, labels), outputs
+    return token_averaged_loss(outputs.logits, labels, num_items_in_batch), outputs
+
+
 def _trainer_class() -> Any:
     from transformers import Trainer
 
@@ -564,15 +578,10 @@ def _trainer_class() -> Any:
             """The recipe's loss from logits at the supervised positions only (``logits_to_keep``)."""
             if self.loss_average is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs, logits_to_keep=supervised_positions(labels))  # logits (n_kept, vocab)
-            if self.loss_average == "turn":
-                loss = turn_averaged_loss(outputs.logits, labels)
-            else:
-                loss = token_averaged_loss(outputs.logits, labels, num_items_in_batch)
-                if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: a global count
+            count = num_items_in_batch if self.loss_average == "token" else None
+            loss, outputs = answer_loss(model, inputs, self.loss_average, count)
+            if count is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: a global count
             return (loss, outputs) if return_outputs else loss
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -574,14 +574,9 @@ def _train_step(model, batch: dict[str, Any], logits: str):
     """Loss and trainable-parameter gradients of one step; ``logits`` 'all' (stock HF loss) or 'answer'."""
     import torch
 
-    from finetune.train import supervised_positions, token_averaged_loss
+    from finetune.train import answer_loss
 
-    if logits == "all":
-        loss = model(**batch).loss
-    else:
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        output = model(**inputs, logits_to_keep=supervised_positions(batch["labels"]))  # (n_answer, vocab)
-        loss = token_averaged_loss(output.logits, batch["labels"])
+    loss = model(**batch).loss if logits == "all" else answer_loss(model, batch)[0]
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     return loss.detach(), torch.autograd.grad(loss, trainable)
 

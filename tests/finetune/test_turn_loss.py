@@ -60,16 +60,22 @@ def test_one_turn_is_the_token_mean_and_nothing_supervised_raises():
         turn_averaged_loss(logits, torch.full((1, 6), X))
 
 
+def _labelled_batch(seed: int, length: int, answers: list[tuple[int, int, int]]) -> dict:
+    """Two rows of random token ids; ``answers`` (row, start, stop) are supervised (labels = the ids)."""
+    input_ids = torch.randint(3, 200, (2, length), generator=torch.Generator().manual_seed(seed))
+    labels = torch.full_like(input_ids, X)
+    for row, start, stop in answers:
+        labels[row, start:stop] = input_ids[row, start:stop]
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
 def test_trainer_computes_the_recipes_loss(tiny_base, tmp_path):
     from transformers import TrainingArguments
 
     model, _ = load_model(tiny_base)
     model.eval()
-    generator = torch.Generator().manual_seed(2)
-    input_ids = torch.randint(3, 200, (2, 12), generator=generator)
-    labels = torch.full_like(input_ids, X)
-    labels[0, 3:4], labels[0, 6:11], labels[1, 2:5] = input_ids[0, 3:4], input_ids[0, 6:11], input_ids[1, 2:5]
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = _labelled_batch(2, 12, [(0, 3, 4), (0, 6, 11), (1, 2, 5)])
+    input_ids, labels = batch["input_ids"], batch["labels"]
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
@@ -101,11 +107,8 @@ def test_trainer_runs_the_lm_head_only_where_labels_are_and_keeps_the_gradients(
 
     model, _ = load_model(tiny_base)
     model.eval()
-    generator = torch.Generator().manual_seed(4)
-    input_ids = torch.randint(3, 200, (2, 16), generator=generator)
-    labels = torch.full_like(input_ids, X)
-    labels[0, 4:7], labels[0, 10:13], labels[1, 8:15] = input_ids[0, 4:7], input_ids[0, 10:13], input_ids[1, 8:15]
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = _labelled_batch(4, 16, [(0, 4, 7), (0, 10, 13), (1, 8, 15)])
+    input_ids, labels = batch["input_ids"], batch["labels"]
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     trainer = _trainer_class()(model=model, args=args, loss_average=loss_average)
     loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)

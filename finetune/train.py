@@ -508,9 +508,8 @@ def turn_averaged_loss(logits: Any, labels: Any) -> Any:
     import torch
     import torch.nn.functional as F
 
-    keep = supervised_positions(labels)  # (batch, seq)
     if logits.dim() == 3:
-        logits = logits[keep]  # (n_kept, vocab)
+        logits = logits[supervised_positions(labels)]  # (batch, seq, vocab) -> (n_kept, vocab)
     turns = answer_turn_ids(labels[:, 1:])  # (batch, seq - 1)
     n_turns = int(turns.max(dim=1).values.sum())
     if n_turns == 0:

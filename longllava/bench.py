@@ -17,7 +17,7 @@ Every bench prints a table (or one JSON document with ``--json``) and measures, 
 * ``train``: one training step (frozen vision tower, projector and LLM trained) on N images and an answer,
   the LM head over every position (the stock Hugging Face loss) and only where an answer token is
   predicted (``finetune.train``'s ``logits_to_keep``), side by side: seconds per step, peak RSS (CPU) or
-  peak GPU memory, and the largest loss / gradient difference between the two.
+  peak GPU memory, and the relative difference of the loss and of the gradient norm between the two.
 * ``gpu``: CUDA only: 9B-shape random weights, 100k-token prefill, decode tokens/s, peak GPU memory
   and the planner's largest image count for the card.
 
@@ -641,10 +641,9 @@ def run_train_command(args: argparse.Namespace) -> int:
     headers = ["images", "tokens", "all s/step", "answer s/step", "answer/all", f"all {memory}",
                f"answer {memory}", "loss rel. diff", "grad-norm rel. diff"]
     notes = [f"{preset} preset, vocabulary {args.vocab:,}, random weights, float32, batch 1, {args.answer_tokens} "
-             "supervised tokens, vision "
-             f"tower frozen, {args.steps} timed steps after a warm-up; 'all': the stock loss over logits at every "
-             "position; 'answer': logits only where an answer token is predicted (what `longllava finetune` runs). "
-             f"Peak memory of the whole process (model, activations, gradients)."]
+             f"supervised tokens, vision tower frozen, {args.steps} timed steps after a warm-up; 'all': the stock "
+             "loss over logits at every position; 'answer': logits only where an answer token is predicted (what "
+             "`longllava finetune` runs). Peak memory of the whole process (model, activations, gradients)."]
     _emit(args, payload, format_table(headers, rows), notes)
     return 0
 

@@ -607,6 +607,11 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def image_cache_dir(recipe: Recipe, output_dir: Path) -> Path:
+    """Where rendered training images (and the frozen tower's features of them) are cached."""
+    return Path(recipe.image_cache_dir) if recipe.image_cache_dir else output_dir / "image_cache"
+
+
 def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: Path) -> Any:
     from finetune import data
 
@@ -619,8 +624,7 @@ def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: 
         raise FinetuneError(f"recipe {recipe.name}: the training files hold no records")
     tokenizer = getattr(processor, "tokenizer", processor)
     encoder = data.ConversationEncoder(tokenizer, tokens_per_image_of(processor, model), recipe.max_length)
-    cache_dir = Path(recipe.image_cache_dir) if recipe.image_cache_dir else output_dir / "image_cache"
-    samples = data.encode_records(records, encoder, cache_dir, progress=_is_main_process())
+    samples = data.encode_records(records, encoder, image_cache_dir(recipe, output_dir), progress=_is_main_process())
     loader = data.processor_image_loader(processor.image_processor)
     return data.ConversationDataset(samples, loader, recipe.max_length, pack=recipe.pack)
 
@@ -656,6 +660,8 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     trainer, dataset, trained, save = run(recipe, model, processor, args, output_dir, callbacks)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
     _set_use_cache(model, True)  # the cache is off only while training; the saved model generates with it
+    if trainer.is_world_process_zero():
+        save_tower_feature_cache(trained)
     final_dir = output_dir / ("adapter" if recipe.mode == "lora" else "model")
     save(final_dir)
     if trainer.is_world_process_zero():
@@ -673,6 +679,7 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
         # Trainer's mean loss covers only the steps this call ran: from the checkpoint's step on a resume
         "train_loss": result.training_loss, "train_loss_since_step": _checkpoint_step(checkpoint) if resume else 0,
         "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad),
+        "tower_feature_cache": tower_cache_stats(trained),
     }
     if trainer.is_world_process_zero():
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
@@ -698,6 +705,7 @@ def _conversation_run(recipe: Recipe, model: Any, processor: Any, args: Any, out
         register_moe_leaf_modules(model)
     model = prepare_model(recipe, model)
     install_fast_scan_if_available()
+    attach_tower_feature_cache(model, image_cache_dir(recipe, output_dir))
     dataset = build_train_dataset(recipe, processor, model, output_dir)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -747,6 +755,48 @@ def write_inference_defaults(model_dir: Path, render: dict) -> None:
     in ``MODEL/longllava_defaults.json``, so evaluation and the apps feed it inputs it can handle."""
     if render:
         (model_dir / INFERENCE_DEFAULTS_FILE).write_text(json.dumps({"render": dict(render)}, indent=2) + "\n")
+
+
+def attach_tower_feature_cache(model: Any, cache_dir: Path | None = None, max_bytes: int = 2 * 2**30) -> Any:
+    """Give ``model``'s LongLLaVA body a :class:`~longllava.modeling.TowerFeatureCache` when its vision tower
+    sits on the CPU and is frozen (there it costs about a tenth of a step; on a GPU it is cheap and memory
+    is better spent on activations); returns the cache or None. With ``cache_dir`` the cache starts from
+    ``cache_dir/tower_features-<tower digest>.safetensors`` when an earlier stage on the same tower wrote
+    one (:func:`save_tower_feature_cache`), so stages 2-4 of a chain encode each image once in all."""
+    from longllava.modeling import LongLlavaModel, TowerFeatureCache, tower_digest
+
+    body = next((module for module in model.modules() if isinstance(module, LongLlavaModel)), None)
+    if body is None or next(body.vision_tower.parameters()).device.type != "cpu":
+        return None
+    if any(parameter.requires_grad for parameter in body.vision_tower.parameters()):
+        return None
+    path = Path(cache_dir) / f"tower_features-{tower_digest(body)}.safetensors" if cache_dir is not None else None
+    cache = TowerFeatureCache(max_bytes, path)
+    if path is not None and path.is_file():
+        cache.load(path)
+    body.tower_feature_cache = cache
+    return cache
+
+
+def _tower_feature_cache_of(model: Any) -> Any:
+    return next((module.tower_feature_cache for module in model.modules()
+                 if getattr(module, "tower_feature_cache", None) is not None), None)
+
+
+def save_tower_feature_cache(model: Any) -> None:
+    """Write the model's tower feature cache where :func:`attach_tower_feature_cache` reads it back."""
+    cache = _tower_feature_cache_of(model)
+    if cache is not None and cache.path is not None:
+        cache.save(cache.path)
+
+
+def tower_cache_stats(model: Any) -> dict | None:
+    """Hits, misses and stored images of the model's tower feature cache (None without one)."""
+    cache = _tower_feature_cache_of(model)
+    if cache is None:
+        return None
+    return {"hits": cache.hits, "misses": cache.misses, "loaded_images": cache.loaded,
+            "stored_images": len(cache), "stored_mb": round(cache.stored_bytes / 2**20, 1)}
 
 
 def install_fast_scan_if_available() -> None:

@@ -22,7 +22,9 @@ Pre-encoded images (streaming encoders) can be passed to ``forward`` as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,104 @@ def pooled_patch_features(hidden_states: Sequence[torch.Tensor], feature_layer: 
     the CLS token, 2D-pooled: (n, pooled_grid**2, C)."""
     patch_features = hidden_states[feature_layer][:, 1:]  # drop CLS: (n, g*g, C)
     return pool_patch_grid(patch_features, pooled_grid)
+
+
+class TowerFeatureCache:
+    """Pooled vision-tower features by image content, so a frozen tower encodes each distinct image once.
+
+    A training run with a frozen tower (stages ``sft`` / ``multi`` / ``align`` without ``train_vision_tower``)
+    sees the same images again and again (a CT study in several conversations, a slab as a single image
+    and inside its study); :class:`LongLlavaModel` asks this cache before running the tower. Keys are a
+    128-bit BLAKE2b digest of each image's pixel values, so two records that render the same pixels share
+    one entry whatever their file names. Entries are detached and stored until ``max_bytes`` is reached;
+    after that new images are encoded and not kept. The cached tensor is what the tower gives for that
+    image in the batch it was first seen in, so a run with the cache differs from one without only by
+    float rounding (batched matrix products may round differently).
+    """
+
+    def __init__(self, max_bytes: int = 2 * 2**30, path: str | Path | None = None):
+        self.max_bytes = max_bytes
+        self.path = Path(path) if path is not None else None  # where a training run saves and reloads it
+        self.loaded = 0  # entries read back from a file
+        self.stored_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._features: dict[bytes, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    @staticmethod
+    def image_key(image: torch.Tensor) -> bytes:
+        """Content key of one image's pixel values (3, H, W): dtype, shape and bytes."""
+        digest = hashlib.blake2b(_tensor_bytes(image), digest_size=16)
+        digest.update(f"{image.dtype}{tuple(image.shape)}".encode())
+        return digest.digest()
+
+    def pooled(self, pixel_values: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(n, 3, H, W) -> (n, p*p, Cv): cached features where known; ``encode`` runs once on the unknown
+        distinct images (in first-seen order) and its results are kept while there is room."""
+        keys = [self.image_key(image) for image in pixel_values]
+        unknown: list[int] = []  # the first index of each distinct image not in the cache
+        for index, key in enumerate(keys):
+            if key not in self._features and all(keys[i] != key for i in unknown):
+                unknown.append(index)
+        self.hits += len(keys) - len(unknown)
+        self.misses += len(unknown)
+        fresh: dict[bytes, torch.Tensor] = {}
+        if unknown:
+            encoded = encode(pixel_values[unknown]).detach()  # (n_unknown, p*p, Cv)
+            for index, features in zip(unknown, encoded):
+                fresh[keys[index]] = features
+                self._store(keys[index], features)
+        return torch.stack([self._features.get(key, fresh.get(key)) for key in keys])
+
+    def save(self, path: str | Path) -> None:
+        """Write every entry to ``path`` (safetensors: ``keys`` (n, 16) uint8, ``features`` (n, p*p, Cv))."""
+        from safetensors.torch import save_file
+
+        if not self._features:
+            return
+        keys = torch.tensor([list(key) for key in self._features], dtype=torch.uint8)  # (n, 16)
+        features = torch.stack([features.cpu() for features in self._features.values()])  # (n, p*p, Cv)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(f"{path}.partial")
+        save_file({"keys": keys, "features": features}, str(partial))
+        partial.replace(path)  # never a half-written cache file
+
+    def load(self, path: str | Path, device: torch.device | str = "cpu") -> int:
+        """Add the entries of a file :meth:`save` wrote (within ``max_bytes``); returns how many are stored now.
+        The caller names the file after the tower (:func:`tower_digest`): features of another tower must
+        never be read back."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path), device=str(device))
+        for key, features in zip(tensors["keys"], tensors["features"]):
+            self._store(bytes(key.tolist()), features)
+        self.loaded = len(self)
+        return self.loaded
+
+    def _store(self, key: bytes, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if self.stored_bytes + size <= self.max_bytes:
+            self._features[key] = features.clone()  # a view would keep the whole batch's tensor alive
+            self.stored_bytes += size
+
+
+def tower_digest(model: LongLlavaModel) -> str:
+    """Hex digest of what a :class:`TowerFeatureCache` entry depends on: the vision tower's weights, the
+    feature layer and the pooled grid."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{model.config.vision_feature_layer}|{model.config.pooled_grid}".encode())
+    for name, tensor in sorted(model.vision_tower.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype (bf16 included), on the CPU."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 # Mamba's time-step init (Gu & Dao 2023; state-spaces/mamba ``dt_min``, ``dt_max``, ``dt_init_floor``).
@@ -123,12 +223,30 @@ class LongLlavaModel(LlavaModel):
         """pixel_values (n, 3, H, W) -> output whose ``pooler_output`` is n x (tokens_per_image, text_hidden)."""
         if image_sizes is not None:
             raise ModelInputError("LongLLaVA resizes every image to the CLIP input size: image_sizes is not used")
-        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        pooled = pooled_patch_features(image_outputs.hidden_states, vision_feature_layer,
-                                       self.config.pooled_grid)  # (n, p*p, Cv)
+        if self._tower_cache_applies():
+            pooled = self.tower_feature_cache.pooled(
+                pixel_values, lambda images: self._pooled_tower_features(images, vision_feature_layer, **kwargs)[1])
+            image_outputs = BaseModelOutputWithPooling()
+        else:
+            image_outputs, pooled = self._pooled_tower_features(pixel_values, vision_feature_layer, **kwargs)
         projected = self.multi_modal_projector(pooled)  # (n, p*p, Ct)
         image_outputs.pooler_output = projected.unbind(0)  # n x (p*p, Ct), as LlavaModel.forward expects
         return image_outputs
+
+    def _pooled_tower_features(self, pixel_values: torch.Tensor, feature_layer: int, **kwargs) -> tuple:
+        """(tower output, pooled features (n, p*p, Cv)) of pixel_values (n, 3, H, W)."""
+        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        return image_outputs, pooled_patch_features(image_outputs.hidden_states, feature_layer, self.config.pooled_grid)
+
+    def _tower_cache_applies(self) -> bool:
+        """A :class:`TowerFeatureCache` is attached and the tower cannot change or vary: every weight frozen,
+        and no attention dropout active."""
+        if getattr(self, "tower_feature_cache", None) is None:
+            return False
+        if any(parameter.requires_grad for parameter in self.vision_tower.parameters()):
+            return False
+        dropout = getattr(self.config.vision_config, "attention_dropout", 0.0)
+        return not (self.vision_tower.training and dropout > 0)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) -> projected image tokens (n, tokens_per_image, text_hidden)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from finetune import FinetuneError
 from finetune.merge import load_adapter_model, merge_lora
 from finetune.train import (
     RECIPE_DIR,
+    attach_tower_feature_cache,
     last_checkpoint,
     load_recipe,
     read_loss_csv,
@@ -79,7 +81,12 @@ def test_full_run_loss_goes_down_and_model_loads(full_run):
     assert second_epoch < first_epoch - 0.05, rows
     assert summary["global_step"] == 4 and summary["saved_to"].endswith("model")
     assert summary["train_samples"] == 12 and summary["train_examples_after_packing"] < 12  # packed
+    cache = summary["tower_feature_cache"]  # the frozen tower encoded each image once over two epochs
+    assert cache["misses"] == cache["stored_images"] > 0 and cache["hits"] >= cache["misses"], cache
     model, _ = load_model(summary["saved_to"])
+    model.requires_grad_(False)  # a next stage on the same (frozen) tower reads the features back
+    reloaded = attach_tower_feature_cache(model, Path(recipe.output_dir) / "image_cache")
+    assert reloaded.path.is_file() and reloaded.loaded == cache["stored_images"]
     assert getattr(model.config, "use_cache", True) and model.config.text_config.use_cache  # off in training only
     base, _ = load_model(summary["base_model"])
     trained = dict(model.named_parameters())

@@ -12,7 +12,12 @@ from transformers import AutoModelForImageTextToText
 from longllava import protocol
 from longllava.errors import ModelInputError
 from longllava.loading import build_model
-from longllava.modeling import LongLlavaForConditionalGeneration, pool_patch_grid
+from longllava.modeling import (
+    LongLlavaForConditionalGeneration,
+    TowerFeatureCache,
+    pool_patch_grid,
+    tower_digest,
+)
 
 
 def upstream_pool(features: torch.Tensor, out: int) -> torch.Tensor:
@@ -50,6 +55,83 @@ def test_image_features_are_clip_layer_minus_2_pooled_then_projected(tiny_model)
         expected = tiny_model.model.multi_modal_projector(upstream_pool(hidden, 4))
     assert features.shape == (2, tiny_model.config.tokens_per_image, tiny_model.config.text_config.hidden_size)
     torch.testing.assert_close(features, expected)
+
+
+def frozen_copy_with_cache(model, **cache_options):
+    cached = copy.deepcopy(model)
+    cached.model.vision_tower.requires_grad_(False)
+    cached.model.tower_feature_cache = TowerFeatureCache(**cache_options)
+    return cached
+
+
+def test_tower_feature_cache_encodes_each_distinct_image_once(tiny_model):
+    cached = frozen_copy_with_cache(tiny_model)
+    calls = []
+    tower_forward = cached.model.vision_tower.forward
+    cached.model.vision_tower.forward = lambda pixels, **kw: calls.append(len(pixels)) or tower_forward(pixels, **kw)
+    a, b, c = torch.randn(3, 3, 56, 56).unbind(0)
+    with torch.no_grad():
+        first = cached.encode_images(torch.stack([a, b, a]))  # a twice in one batch: encoded once
+        second = cached.encode_images(torch.stack([c, b, a]))  # only c is new
+        expected = tiny_model.encode_images(torch.stack([a, b, a, c, b, a]))
+    assert calls == [2, 1]
+    cache = cached.model.tower_feature_cache
+    assert (cache.hits, cache.misses, len(cache)) == (3, 3, 3)
+    torch.testing.assert_close(torch.cat([first, second]), expected)
+
+
+def test_tower_feature_cache_gives_the_projector_the_same_gradients(tiny_model):
+    cached = frozen_copy_with_cache(tiny_model)
+    plain = copy.deepcopy(cached)
+    plain.model.tower_feature_cache = None
+    pixels = torch.randn(2, 3, 56, 56)
+    cached.encode_images(pixels)  # fill the cache
+    for model in (cached, plain):
+        model.encode_images(pixels).square().sum().backward()
+    for (name, cached_param), plain_param in zip(cached.model.multi_modal_projector.named_parameters(),
+                                                 plain.model.multi_modal_projector.parameters()):
+        torch.testing.assert_close(cached_param.grad, plain_param.grad, msg=name)
+
+
+def test_tower_feature_cache_is_bypassed_while_the_tower_trains(tiny_model):
+    cached = frozen_copy_with_cache(tiny_model)
+    cached.model.vision_tower.encoder.layers[0].mlp.fc1.weight.requires_grad_(True)
+    pixels = torch.randn(2, 3, 56, 56)
+    cached.encode_images(pixels)
+    cached.encode_images(pixels)
+    assert (cached.model.tower_feature_cache.hits, cached.model.tower_feature_cache.misses) == (0, 0)
+
+
+def test_tower_feature_cache_stops_storing_at_its_size_limit(tiny_model):
+    per_image = tiny_model.config.tokens_per_image * tiny_model.config.vision_config.hidden_size * 4
+    cached = frozen_copy_with_cache(tiny_model, max_bytes=2 * per_image)
+    with torch.no_grad():
+        features = cached.encode_images(torch.randn(3, 3, 56, 56))
+    assert features.shape[0] == 3
+    assert len(cached.model.tower_feature_cache) == 2
+    assert cached.model.tower_feature_cache.stored_bytes == 2 * per_image
+
+
+def test_tower_feature_cache_round_trips_through_a_file(tiny_model, tmp_path):
+    cached = frozen_copy_with_cache(tiny_model)
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        expected = cached.encode_images(pixels)
+    cached.model.tower_feature_cache.save(tmp_path / "features.safetensors")
+    reloaded = frozen_copy_with_cache(tiny_model)
+    assert reloaded.model.tower_feature_cache.load(tmp_path / "features.safetensors") == 3
+    reloaded.model.vision_tower.forward = None  # every image must come from the file
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_images(pixels), expected, rtol=0, atol=0)
+    assert reloaded.model.tower_feature_cache.hits == 3
+
+
+def test_tower_digest_changes_with_the_tower_weights(tiny_model):
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.model.vision_tower.encoder.layers[0].mlp.fc1.bias.add_(1e-6)
+    assert tower_digest(tiny_model.model) == tower_digest(copy.deepcopy(tiny_model).model)
+    assert tower_digest(tiny_model.model) != tower_digest(other.model)
 
 
 def chat_inputs(processor, images, question="What is shown?"):

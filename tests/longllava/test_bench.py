@@ -60,13 +60,16 @@ def test_bench_images_quick(capsys):
     assert payload["rss_growth"]["ratio"] > 0
 
 
-def test_bench_train_quick_same_loss_and_gradients_fewer_logits(capsys):
+def test_bench_train_quick_same_loss_and_gradients_fewer_logits_cached_tower(capsys):
     payload = run_json(capsys, "train", "--quick", "--steps", "1", "--vocab", "512", "--answer-tokens", "8")
-    full, kept = payload["runs"]
-    assert (full["logits"], kept["logits"]) == ("all", "answer") and full["images"] == kept["images"] == 4
+    full, kept, cached = payload["runs"]
+    assert [(r["logits"], r["tower_cache"]) for r in payload["runs"]] == [
+        ("all", False), ("answer", False), ("answer", True)]
+    assert full["images"] == kept["images"] == cached["images"] == 4
     assert full["vocab"] == 512 and full["tokens"] == 4 * 16 + 32 + 8
-    assert abs(kept["loss"] - full["loss"]) <= 1e-5 * full["loss"]
-    assert abs(kept["grad_norm"] - full["grad_norm"]) <= 1e-5 * full["grad_norm"]
+    for run in (kept, cached):
+        assert abs(run["loss"] - full["loss"]) <= 1e-5 * full["loss"]
+        assert abs(run["grad_norm"] - full["grad_norm"]) <= 1e-5 * full["grad_norm"]
     assert kept["seconds_per_step"] > 0 and full["peak_rss_mb"] > 0
 
 

@@ -660,8 +660,6 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     trainer, dataset, trained, save = run(recipe, model, processor, args, output_dir, callbacks)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
     _set_use_cache(model, True)  # the cache is off only while training; the saved model generates with it
-    if trainer.is_world_process_zero():
-        save_tower_feature_cache(trained)
     final_dir = output_dir / ("adapter" if recipe.mode == "lora" else "model")
     save(final_dir)
     if trainer.is_world_process_zero():
@@ -669,6 +667,7 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
         write_inference_defaults(final_dir, recipe.render)
         if recipe.mode == "lora":
             _point_adapter_at_base(final_dir, base_path)
+        save_tower_feature_cache(trained)  # after the model: a failed cache write loses no training
     losses = [r["loss"] for r in read_loss_csv(output_dir / "loss.csv")]
     summary = {
         "recipe": recipe.name, "mode": recipe.mode, "stage": recipe.stage, "base_model": base_path,
@@ -785,9 +784,17 @@ def _tower_feature_cache_of(model: Any) -> Any:
 
 def save_tower_feature_cache(model: Any) -> None:
     """Write the model's tower feature cache where :func:`attach_tower_feature_cache` reads it back."""
+    import warnings
+
     cache = _tower_feature_cache_of(model)
-    if cache is not None and cache.path is not None:
+    if cache is None or cache.path is None:
+        return
+    try:
         cache.save(cache.path)
+    except OSError as error:  # only a cache: the next stage encodes the images again
+        warnings.warn(f"could not write the tower feature cache {cache.path} ({error}); the next stage on this "
+                      "tower will encode its images again. Free disk space or set image_cache_dir elsewhere.",
+                      stacklevel=2)
 
 
 def tower_cache_stats(model: Any) -> dict | None:

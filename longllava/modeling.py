@@ -104,9 +104,11 @@ class TowerFeatureCache:
         distinct images (in first-seen order) and its results are kept while there is room."""
         keys = [self.image_key(image) for image in pixel_values]
         unknown: list[int] = []  # the first index of each distinct image not in the cache
+        seen: set[bytes] = set()
         for index, key in enumerate(keys):
-            if key not in self._features and all(keys[i] != key for i in unknown):
+            if key not in self._features and key not in seen:
                 unknown.append(index)
+                seen.add(key)
         self.hits += len(keys) - len(unknown)
         self.misses += len(unknown)
         fresh: dict[bytes, torch.Tensor] = {}

@@ -765,9 +765,7 @@ def attach_tower_feature_cache(model: Any, cache_dir: Path | None = None, max_by
     from longllava.modeling import LongLlavaModel, TowerFeatureCache, tower_digest
 
     body = next((module for module in model.modules() if isinstance(module, LongLlavaModel)), None)
-    if body is None or next(body.vision_tower.parameters()).device.type != "cpu":
-        return None
-    if any(parameter.requires_grad for parameter in body.vision_tower.parameters()):
+    if body is None or next(body.vision_tower.parameters()).device.type != "cpu" or not body.vision_tower_frozen():
         return None
     path = Path(cache_dir) / f"tower_features-{tower_digest(body)}.safetensors" if cache_dir is not None else None
     cache = TowerFeatureCache(max_bytes, path)

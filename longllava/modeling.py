@@ -240,12 +240,14 @@ class LongLlavaModel(LlavaModel):
         image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
         return image_outputs, pooled_patch_features(image_outputs.hidden_states, feature_layer, self.config.pooled_grid)
 
+    def vision_tower_frozen(self) -> bool:
+        """No vision-tower weight is trainable (its features then depend on the image alone)."""
+        return not any(parameter.requires_grad for parameter in self.vision_tower.parameters())
+
     def _tower_cache_applies(self) -> bool:
         """A :class:`TowerFeatureCache` is attached and the tower cannot change or vary: every weight frozen,
         and no attention dropout active."""
-        if getattr(self, "tower_feature_cache", None) is None:
-            return False
-        if any(parameter.requires_grad for parameter in self.vision_tower.parameters()):
+        if getattr(self, "tower_feature_cache", None) is None or not self.vision_tower_frozen():
             return False
         dropout = getattr(self.config.vision_config, "attention_dropout", 0.0)
         return not (self.vision_tower.training and dropout > 0)

@@ -81,6 +81,10 @@ SLAB_PRESENCE = False  # stage 2: also ask the five presence questions about eve
 DEMO_RENDER: dict[str, int | str] = {"num_slices": 16, "size": 160, "window": "slab", "tile_size": 336,
                                      "max_tiles": 16}
 DEMO_CACHE_DIR = "build/demo_image_cache"
+# stage 1's per-token targets for CT slabs (finetune.vision): the demo preset's pooled token grid (5 x 5 cells
+# of 32 px), and the canvas pixels of a finding a cell must hold to count as showing it
+DEMO_TOKEN_GRID = 5
+TOKEN_MIN_PIXELS = 4
 SLICE_QUESTION = "Which findings does this CT slice show? Answer the findings with their side, or none."
 TILE_QUESTION = "How many ships, storage tanks and buildings does this tile show? Answer with three numbers."
 NEEDLE_QUESTION = "Does this image show a bold coloured shape? Answer its colour and shape, or none."
@@ -537,19 +541,87 @@ def vision_needle_records(out_dir: str | Path, n_needles: int = NIAH_VISION_NEED
     return records
 
 
+def ct_token_label_names() -> list[str]:
+    """The vision labels a CT slab's token targets cover: ``ct <finding>`` for every rendered finding and
+    ``ct <finding> left|right`` for those with a side (the names :func:`vision_records` gives)."""
+    from domain_data.synthetic.ct_phantom import LATERAL_FINDINGS, RENDERABLE_FINDINGS
+
+    names = []
+    for name in RENDERABLE_FINDINGS:
+        sides = ("", " left", " right") if name in LATERAL_FINDINGS else ("",)
+        names += [f"ct {name.lower()}{side}" for side in sides]
+    return names
+
+
+def slab_token_labels(truth: dict[str, Any], label_map: np.ndarray, render: dict[str, Any], count: int,
+                      grid: int = DEMO_TOKEN_GRID, min_pixels: int = TOKEN_MIN_PIXELS) -> list[dict[str, list[int]]]:
+    """For each of the ``count`` slab images of a study (``truth``: its ``ground_truth``; ``label_map``:
+    its phantom's ``(z, y, x)`` label map), every label of :func:`ct_token_label_names` -> the row-major
+    cells of the ``grid`` x ``grid`` token grid where the finding covers at least ``min_pixels`` canvas
+    pixels (an empty list: nowhere on that image)."""
+    from domain_data.medical.slices import SLAB_WINDOW, slab_token_cover
+    from domain_data.synthetic.ct_phantom import finding_masks
+
+    if render.get("window") != SLAB_WINDOW:
+        raise DemoDataError(f"token targets are made for slab images (render window: {SLAB_WINDOW}), "
+                            f"not window {render.get('window')!r}")
+    if tuple(label_map.shape) != tuple(truth["shape_zyx"]):
+        raise DemoDataError(f"label map shape {label_map.shape} is not the study's {truth['shape_zyx']}; "
+                            "rebuild the synthetic set")
+    pixel_mm = (float(truth["spacing_zyx_mm"][1]), float(truth["spacing_zyx_mm"][2]))
+    images: list[dict[str, list[int]]] = [{name: [] for name in ct_token_label_names()} for _ in range(count)]
+    for name, mask in finding_masks(label_map, truth["findings"]).items():
+        cover = slab_token_cover(mask, count, int(render["size"]), grid, pixel_mm)  # (count, grid * grid)
+        for image, cells in zip(images, cover, strict=True):
+            image[f"ct {name.lower()}"] = np.flatnonzero(cells >= min_pixels).tolist()
+    return images
+
+
+def add_ct_token_labels(vision: Sequence[dict[str, Any]], out_dir: str | Path, render: dict[str, Any],
+                        grid: int = DEMO_TOKEN_GRID, min_pixels: int = TOKEN_MIN_PIXELS) -> int:
+    """Give every CT slab record of :func:`vision_records` (id ``<study>_sNN``) its ``token_labels``
+    (:func:`slab_token_labels`, from the label map the build wrote beside the study) and ``token_grid``,
+    in place. Returns how many records got them."""
+    from domain_data.synthetic.ct_phantom import read_label_map
+
+    out = Path(out_dir)
+    studies = {item["id"]: item for item in map(json.loads, _built_file(out, "ct_train_studies.jsonl")
+                                                .read_text().splitlines())}
+    slabs: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for record in vision:
+        study, _, slab = record["id"].rpartition("_s")
+        if study in studies and slab.isdigit():
+            slabs.setdefault(study, []).append((int(slab), record))
+    count = int(render["num_slices"])
+    for study, records in tqdm(sorted(slabs.items()), desc="token labels", unit="study", disable=len(slabs) < 50):
+        item = studies[study]
+        if "label_map" not in item:
+            raise DemoDataError(f"{out / 'ct_train_studies.jsonl'}: study {study} has no label_map; rebuild the "
+                                "synthetic set (python -m finetune.demo_data --out DIR) to write them")
+        per_image = slab_token_labels(item["ground_truth"], read_label_map(out / item["label_map"]), render,
+                                      count, grid, min_pixels)
+        for slab, record in records:
+            record["token_grid"] = grid
+            record["token_labels"] = per_image[slab]
+    return sum(len(records) for records in slabs.values())
+
+
 def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
                                vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
-                               slab_presence: bool = SLAB_PRESENCE) -> Path:
+                               slab_presence: bool = SLAB_PRESENCE, token_grid: int | None = DEMO_TOKEN_GRID) -> Path:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
-    (:func:`vision_needle_records`) shuffled in (seeded). Returns the first."""
+    (:func:`vision_needle_records`) shuffled in (seeded), and with ``token_grid`` each CT slab's per-token
+    targets on that grid (:func:`add_ct_token_labels`). Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
     vision = records
     if vision_needles:
         vision = records + vision_needle_records(out_dir, vision_needles, seed)
         vision = [vision[i] for i in np.random.default_rng([seed, 19]).permutation(len(vision))]
     vision = vision_records(vision)
+    if token_grid:
+        add_ct_token_labels(vision, out_dir, dict(DEMO_RENDER if render is None else render), token_grid)
     (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision, indent=1) + "\n")
     target = Path(out_dir) / "single_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")

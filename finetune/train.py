@@ -69,6 +69,8 @@ class Recipe:
     train_vision_tower: bool = False  # the paper keeps CLIP frozen; a model trained from scratch may not
     projector_init_head: str | None = None  # a stage-'vision' output_dir: its label head seeds the projector
     projector_init_scale: float = 0.25
+    # stage vision: weight of the per-token loss of records with token_labels (0: those targets are not used)
+    vision_token_loss_weight: float = 0.0
     max_length: int = 4096
     pack: bool = True
     learning_rate: float = 1e-5
@@ -133,6 +135,9 @@ class Recipe:
             )
         if self.max_length < 8:
             raise FinetuneError(f"recipe {self.name}: max_length {self.max_length} is too small")
+        if not self.vision_token_loss_weight >= 0:
+            raise FinetuneError(f"recipe {self.name}: vision_token_loss_weight {self.vision_token_loss_weight!r} "
+                                "must be 0 (off) or positive")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,10 +734,12 @@ def _vision_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_di
     vocabulary = vision.label_vocabulary(records)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    head = vision.vision_label_head(model, len(vocabulary), recipe.seed)
+    head = vision.vision_label_head(model, len(vocabulary), recipe.seed, recipe.vision_token_loss_weight)
     for parameter in head.parameters():
         parameter.requires_grad_(True)
-    dataset = vision.LabelledImageDataset(records, vocabulary, processor.image_processor)
+    with_tokens = recipe.vision_token_loss_weight > 0 and any(r.token_labels is not None for r in records)
+    token_grid = head.pooled_grid if with_tokens else None
+    dataset = vision.LabelledImageDataset(records, vocabulary, processor.image_processor, token_grid)
     _write_resolved_recipe(recipe, output_dir)
     trainer = _trainer_class()(model=head, args=args, train_dataset=dataset, data_collator=vision.collate_bags,
                                callbacks=[_loss_logger(recipe, output_dir), *callbacks], loss_average=None)

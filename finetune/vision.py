@@ -16,6 +16,15 @@ A record with several images is a *bag* (multiple-instance learning): its labels
 least one image shows each -- and the head pools its logits over every token of every image, so a
 study's slices can be trained against the study's findings.
 
+A single-image record may also say *where* its labels are: ``token_labels`` maps label names to the
+cells (row-major) of the model's ``token_grid`` x ``token_grid`` pooled grid that show them (an empty list:
+no cell does), e.g. ``"token_grid": 5, "token_labels": {"ct lung nodule": [13], "ct consolidation": []}``.
+With the recipe's ``vision_token_loss_weight`` above 0 each named label's per-token logits are trained
+against those cells too (binary cross-entropy over the tokens, added to the pooled loss times the weight),
+so a small finding's evidence is put into the token that sees it instead of being left to the pooled
+(multiple-instance) loss alone; ``finetune.demo_data`` writes them for every CT slab from the phantoms'
+label maps.
+
 The label vocabulary is the sorted set of names in the training files; an image with ``labels: []``
 is a negative for every label. Outputs: ``OUTPUT/model`` (the whole LongLLaVA model, only its vision
 tower changed), ``OUTPUT/vision_head.safetensors`` + ``OUTPUT/vision_labels.json`` (the head and its
@@ -48,6 +57,10 @@ class LabelledImage:
     images: tuple[Path, ...]
     labels: tuple[str, ...]
     where: str
+    # per-token targets of a single image: label -> the row-major cells of its token_grid x token_grid
+    # pooled grid that show it (an empty list: none does); labels not named here have no token target
+    token_labels: dict[str, tuple[int, ...]] | None = None
+    token_grid: int | None = None
 
     @property
     def image(self) -> Path:
@@ -70,7 +83,29 @@ def parse_labelled_image(raw: dict, where: str, root: Path) -> LabelledImage:
     for path in paths:
         if not path.is_file():
             raise DataError(f"{where}: image {path} does not exist; fix the path or the image_root")
-    return LabelledImage(str(raw.get("id", where)), paths, tuple(labels), where)
+    token_labels, token_grid = _parse_token_labels(raw, where, len(paths))
+    return LabelledImage(str(raw.get("id", where)), paths, tuple(labels), where, token_labels, token_grid)
+
+
+def _parse_token_labels(raw: dict, where: str, n_images: int) -> tuple[dict[str, tuple[int, ...]] | None, int | None]:
+    if "token_labels" not in raw:
+        return None, None
+    token_labels, grid = raw["token_labels"], raw.get("token_grid")
+    if n_images != 1:
+        raise DataError(f"{where}: 'token_labels' are per-token targets of one image; a bag of {n_images} "
+                        "images cannot have them")
+    if not isinstance(grid, int) or grid < 1:
+        raise DataError(f"{where}: 'token_labels' need 'token_grid', the side of the pooled token grid "
+                        f"(e.g. 5 for 5 x 5 tokens), got {grid!r}")
+    if not isinstance(token_labels, dict):
+        raise DataError(f"{where}: 'token_labels' must map label names to lists of token cells, got {token_labels!r}")
+    parsed = {}
+    for name, cells in token_labels.items():
+        if not isinstance(cells, list) or not all(isinstance(c, int) and 0 <= c < grid * grid for c in cells):
+            raise DataError(f"{where}: token_labels[{name!r}] must list cells 0..{grid * grid - 1} of the "
+                            f"{grid} x {grid} grid, got {cells!r}")
+        parsed[name] = tuple(cells)
+    return parsed, grid
 
 
 def load_labelled_images(path: str | Path, image_root: str | Path | None = None) -> list[LabelledImage]:
@@ -97,29 +132,59 @@ def multi_hot(labels: Sequence[str], vocabulary: Sequence[str]) -> torch.Tensor:
     return target
 
 
-class LabelledImageDataset:
-    """Items ``{"pixel_values": (n_images, 3, H, W), "labels": (n_labels,)}``; pixels are read per item.
-    Batch them with :func:`collate_bags`."""
+def token_targets(record: LabelledImage, vocabulary: Sequence[str], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grid * grid, n_labels)`` per-token targets of a record and the ``(n_labels,)`` mask of the labels
+    that have them (all zero for a record without ``token_labels``)."""
+    targets, mask = torch.zeros(grid * grid, len(vocabulary)), torch.zeros(len(vocabulary), dtype=torch.bool)
+    if record.token_labels is None:
+        return targets, mask
+    if record.token_grid != grid:
+        raise DataError(f"{record.where}: token_grid {record.token_grid} is not the model's pooled grid {grid}; "
+                        f"rewrite the records for a {grid} x {grid} grid")
+    index = {name: i for i, name in enumerate(vocabulary)}
+    for name, cells in record.token_labels.items():
+        if name not in index:
+            raise DataError(f"{record.where}: token label {name!r} is not in the head's vocabulary "
+                            f"({len(vocabulary)} labels)")
+        mask[index[name]] = True
+        targets[list(cells), index[name]] = 1.0
+    return targets, mask
 
-    def __init__(self, records: Sequence[LabelledImage], vocabulary: Sequence[str], image_processor: Any) -> None:
+
+class LabelledImageDataset:
+    """Items ``{"pixel_values": (n_images, 3, H, W), "labels": (n_labels,)}`` plus, when ``token_grid`` is
+    given, ``token_targets`` (grid * grid, n_labels) and ``token_mask`` (n_labels,) (:func:`token_targets`);
+    pixels are read per item. Batch them with :func:`collate_bags`."""
+
+    def __init__(self, records: Sequence[LabelledImage], vocabulary: Sequence[str], image_processor: Any,
+                 token_grid: int | None = None) -> None:
         self.records = list(records)
         self.vocabulary = list(vocabulary)
         self.load = processor_image_loader(image_processor)
+        self.token_grid = token_grid
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        return {"pixel_values": self.load(list(record.images)), "labels": multi_hot(record.labels, self.vocabulary)}
+        item = {"pixel_values": self.load(list(record.images)), "labels": multi_hot(record.labels, self.vocabulary)}
+        if self.token_grid is not None:
+            item["token_targets"], item["token_mask"] = token_targets(record, self.vocabulary, self.token_grid)
+        return item
 
 
 def collate_bags(items: Sequence[dict]) -> dict:
     """Items of :class:`LabelledImageDataset` -> ``pixel_values`` (all images, in order), ``labels``
-    (n_records, n_labels) and ``bag_sizes`` (n_records,): how many images each record holds."""
-    return {"pixel_values": torch.cat([item["pixel_values"] for item in items]),
-            "labels": torch.stack([item["labels"] for item in items]),
-            "bag_sizes": torch.tensor([len(item["pixel_values"]) for item in items])}
+    (n_records, n_labels) and ``bag_sizes`` (n_records,): how many images each record holds; with token
+    targets also ``token_targets`` (n_records, t, n_labels) and ``token_mask`` (n_records, n_labels)."""
+    batch = {"pixel_values": torch.cat([item["pixel_values"] for item in items]),
+             "labels": torch.stack([item["labels"] for item in items]),
+             "bag_sizes": torch.tensor([len(item["pixel_values"]) for item in items])}
+    if "token_targets" in items[0]:
+        batch["token_targets"] = torch.stack([item["token_targets"] for item in items])
+        batch["token_mask"] = torch.stack([item["token_mask"] for item in items])
+    return batch
 
 
 class VisionLabelHead(nn.Module):
@@ -134,11 +199,13 @@ class VisionLabelHead(nn.Module):
     ``vision_tower`` module, so training this updates the model in place.
     """
 
-    def __init__(self, vision_tower: nn.Module, feature_layer: int, pooled_grid: int, n_labels: int) -> None:
+    def __init__(self, vision_tower: nn.Module, feature_layer: int, pooled_grid: int, n_labels: int,
+                 token_loss_weight: float = 1.0) -> None:
         super().__init__()
         self.vision_tower = vision_tower
         self.feature_layer = feature_layer
         self.pooled_grid = pooled_grid
+        self.token_loss_weight = token_loss_weight
         self.head = nn.Linear(vision_tower.config.hidden_size, n_labels)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -153,8 +220,12 @@ class VisionLabelHead(nn.Module):
         return self.head(self.features(pixel_values))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
-                bag_sizes: torch.Tensor | None = None) -> dict:
-        """``bag_sizes`` (n_records,): consecutive images pooled together (default: one per record)."""
+                bag_sizes: torch.Tensor | None = None, token_targets: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None) -> dict:
+        """``bag_sizes`` (n_records,): consecutive images pooled together (default: one per record).
+        ``token_targets`` (n_images, t, L) with ``token_mask`` (n_images, L): per-token targets of the
+        masked labels (single images only), whose binary cross-entropy over those tokens is added to the
+        loss, times ``token_loss_weight``."""
         per_token = self.token_logits(pixel_values)  # (n_images, t, L)
         if bag_sizes is not None and bool((bag_sizes != 1).any()):
             if int(bag_sizes.sum()) != per_token.shape[0]:
@@ -165,14 +236,22 @@ class VisionLabelHead(nn.Module):
         else:
             logits = torch.logsumexp(per_token, dim=1) - math.log(per_token.shape[1])  # (n, L)
         loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        if loss is not None and token_mask is not None and bool(token_mask.any()) and self.token_loss_weight:
+            if token_targets is None or token_targets.shape != per_token.shape:
+                raise ValueError(f"token targets of shape {None if token_targets is None else tuple(token_targets.shape)}"
+                                 f" do not match the token logits {tuple(per_token.shape)} (single images only)")
+            chosen = token_mask[:, None, :].expand_as(per_token)  # (n_images, t, L): the labels with targets
+            token_loss = nn.functional.binary_cross_entropy_with_logits(per_token[chosen], token_targets[chosen].float())
+            loss = loss + self.token_loss_weight * token_loss
         return {"loss": loss, "logits": logits}
 
 
-def vision_label_head(model: Any, n_labels: int, seed: int) -> VisionLabelHead:
+def vision_label_head(model: Any, n_labels: int, seed: int, token_loss_weight: float = 1.0) -> VisionLabelHead:
     """A head over ``model``'s vision tower (seeded init of the new linear layer)."""
     config = model.config
     torch.manual_seed(seed)
-    return VisionLabelHead(model.model.vision_tower, config.vision_feature_layer, config.pooled_grid, n_labels)
+    return VisionLabelHead(model.model.vision_tower, config.vision_feature_layer, config.pooled_grid, n_labels,
+                           token_loss_weight)
 
 
 def save_head(head: VisionLabelHead, vocabulary: Sequence[str], output_dir: Path) -> None:

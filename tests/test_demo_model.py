@@ -14,12 +14,15 @@ import yaml
 from finetune.demo_data import (
     DEMO_BUILD,
     DEMO_RENDER,
+    DEMO_TOKEN_GRID,
     NEEDLE_QUESTION,
     SLICE_QUESTION,
     TILE_QUESTION,
     DemoDataError,
+    add_ct_token_labels,
     build_heldout_subset,
     build_niah_train,
+    ct_token_label_names,
     follow_up_conversations,
     polish_records,
     presence_only_version,
@@ -28,6 +31,7 @@ from finetune.demo_data import (
     shuffled_conversations,
     shuffled_records,
     single_image_records,
+    slab_token_labels,
     slice_findings_answer,
     split_per_question,
     study_bag_records,
@@ -384,11 +388,50 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     with pytest.raises(DemoDataError, match="niah_train.json"):
         write_polish_records(out, follow_up_sources=("niah_train.json",))
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]) == 0
-    assert json.loads((out / "vision_train.json").read_text()) == vision_records(files["single_train.json"])
+    assert _without_token_labels(out / "vision_train.json") == vision_records(files["single_train.json"])
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--slab-presence"]) == 0
     asked = json.loads((out / "single_train.json").read_text())
     assert {len(r["conversations"]) for r in asked if r["id"].startswith("ct")} == {12}
-    assert json.loads((out / "vision_train.json").read_text()) == vision_records(files["single_train.json"])
+    assert _without_token_labels(out / "vision_train.json") == vision_records(files["single_train.json"])
+
+
+def _without_token_labels(vision_file: Path) -> list[dict]:
+    """The records of a ``vision_train.json`` without the CT slabs' token targets (which every CT record has)."""
+    records = json.loads(vision_file.read_text())
+    assert all(("token_labels" in r) == r["id"].startswith("ct_") for r in records)
+    assert {r["token_grid"] for r in records if "token_grid" in r} == {DEMO_TOKEN_GRID}
+    return [{k: v for k, v in r.items() if k not in ("token_labels", "token_grid")} for r in records]
+
+
+def test_ct_token_labels_mark_the_cells_where_each_finding_is_drawn(tiny_build, tmp_path):
+    from domain_data.medical.slices import slab_bounds
+    from domain_data.synthetic.ct_phantom import make_ct_phantom
+
+    vision = vision_records(single_image_records(tiny_build, tmp_path / "cache"))
+    assert add_ct_token_labels(vision, tiny_build, DEMO_RENDER) == 2 * DEMO_RENDER["num_slices"]
+    for record in vision:
+        if not record["id"].startswith("ct_"):
+            assert "token_labels" not in record
+            continue
+        assert list(record["token_labels"]) == ct_token_label_names() and record["token_grid"] == DEMO_TOKEN_GRID
+        shown = {name for name, cells in record["token_labels"].items() if cells}
+        assert shown <= set(record["labels"]), record["id"]  # never a cell where the image's labels have none
+    # a nodule: the cell under its centre, on the slab that holds its centre plane, and nowhere on other sides
+    phantom = make_ct_phantom(7, findings={"Lung nodule": {"count": 1, "side": "left", "radius_mm": 9.0}},
+                              n_slices=120, size=128)
+    truth = phantom.ground_truth()
+    images = slab_token_labels(truth, phantom.labels, DEMO_RENDER, 16)
+    nodule = truth["findings"]["Lung nodule"]["details"]["nodules"][0]
+    z, y, x = nodule["centre_zyx"]
+    slab = next(k for k, (first, last) in enumerate(slab_bounds(120, 16)) if first <= z <= last)
+    cell = int((y + 0.5) * 160 / 128 // 32) * 5 + int((x + 0.5) * 160 / 128 // 32)
+    assert cell in images[slab]["ct lung nodule"] == images[slab]["ct lung nodule left"]
+    assert not any(image["ct lung nodule right"] or image["ct consolidation"] for image in images)
+    answers = rendered_slice_answers(truth, DEMO_RENDER, 16)  # a slab cutting only the pole may show < 4 px
+    assert {k for k, image in enumerate(images) if image["ct lung nodule"]} <= {
+        k for k, answer in enumerate(answers) if "lung nodule" in answer}
+    with pytest.raises(DemoDataError, match="slab images"):
+        slab_token_labels(truth, phantom.labels, {**DEMO_RENDER, "window": "multi"}, 16)
 
 
 def test_vision_records_turn_every_answer_into_label_names():

@@ -152,6 +152,34 @@ def render_slab(hu_slab: np.ndarray, size: int, pixel_mm: tuple[float, float] = 
     return _on_canvas(np.stack(channels, axis=-1), size)  # (height, width, 3) on the canvas
 
 
+def slab_token_cover(mask: np.ndarray, count: int, size: int, grid: int,
+                     pixel_mm: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """How many canvas pixels of a voxel mask each image token covers, for ``count`` slab images.
+
+    ``mask`` is boolean ``(z, y, x)`` on the study's planes (canonical order, as :class:`CTVolume`); each
+    slab (:func:`slab_bounds`) keeps the voxels set on any of its planes, placed exactly where
+    :func:`render_slab` draws them on the ``size`` x ``size`` canvas; the canvas is cut into
+    ``grid`` x ``grid`` equal cells (the model's pooled token grid, row-major). Returns ``(count, grid *
+    grid)`` pixel counts."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3 or grid < 1 or grid > size:
+        raise CTInputError(f"slab_token_cover needs a (z, y, x) mask and 1 <= grid <= size, got shape "
+                           f"{mask.shape}, grid {grid}, size {size}")
+    edges = np.linspace(0, size, grid + 1).round().astype(int)  # token cell boundaries on the canvas
+    cover = np.zeros((count, grid * grid), dtype=np.int64)
+    for k, (first, last) in enumerate(slab_bounds(mask.shape[0], count)):
+        projected = mask[first : last + 1].any(axis=0)
+        if not projected.any():
+            continue
+        scaled = _scaled_hu(projected.astype(np.float32), size, pixel_mm) >= 0.5  # (height, width)
+        canvas = np.zeros((size, size), dtype=bool)
+        top, left = (size - scaled.shape[0]) // 2, (size - scaled.shape[1]) // 2
+        canvas[top : top + scaled.shape[0], left : left + scaled.shape[1]] = scaled
+        rows = np.add.reduceat(canvas.astype(np.int64), edges[:-1], axis=0)  # (grid, size)
+        cover[k] = np.add.reduceat(rows, edges[:-1], axis=1).ravel()  # (grid * grid,)
+    return cover
+
+
 def ct_to_slices(
     volume: CTVolume,
     num_slices: int | None = None,

@@ -5,10 +5,13 @@
     DIR/manifest.json                 parameters, file list, counts, conventions (no outside paths, no time)
     DIR/ct/{train,test}/ct_{split}_NNNN.nii.gz     NIfTI studies (int16 HU, LPS voxel axes)
     DIR/ct/{train,test}/ct_{split}_NNNN/CT*.dcm     every ``dicom_every``-th study as a DICOM series folder
+    DIR/ct/{train,test}/ct_{split}_NNNN_labels.npy.gz   each study's (z, y, x) tissue / finding label map
+                                      (``ct_phantom.read_label_map``; where each finding is, for training)
     DIR/ct_train.json                 list of LLaVA records, one per study, all questions + report as turns
     DIR/ct_test.jsonl                 one LLaVA record per question (fields kind, finding)
     DIR/ct_{split}_labels.csv         CT-RATE style label table: VolumeName + the 5 rendered findings (0/1)
-    DIR/ct_{split}_studies.jsonl      per-study ground truth (findings with sides, slice ranges) + report
+    DIR/ct_{split}_studies.jsonl      per-study ground truth (findings with sides, slice ranges), report
+                                      and ``label_map`` (the path of its label map)
     DIR/rs/{train,test}/rs_{split}_NNNN.tif        GeoTIFF scenes (uint8 RGB, EPSG:32633, 0.5 m)
     DIR/rs_train.json                 LLaVA / FIT-RS records, one per scene, all questions as turns
     DIR/rs_test.jsonl                 one LLaVA record per question (fields kind, object)
@@ -40,9 +43,11 @@ from typing import Any
 import numpy as np
 
 from domain_data.synthetic.ct_phantom import (
+    LABEL_MAP_SUFFIX,
     RENDERABLE_FINDINGS,
     make_ct_phantom,
     write_dicom_series,
+    write_label_map,
     write_nifti,
 )
 from domain_data.synthetic.errors import SyntheticDataError
@@ -129,12 +134,15 @@ def _ct_split(out_dir: Path, split: str, n: int, cfg: BuildConfig) -> dict[str, 
         else:
             rel = f"ct/{split}/{name}.nii.gz"
             write_nifti(phantom, out_dir / rel)
+        label_map = f"ct/{split}/{name}{LABEL_MAP_SUFFIX}"
+        write_label_map(phantom, out_dir / label_map)
         qa = ct_questions(phantom)
         rows["labels"].append([rel, *phantom.label_vector()])
         rows["studies"].append(
             {
                 "id": name,
                 "image": rel,
+                "label_map": label_map,
                 "format": "dicom" if as_dicom else "nifti",
                 "layout": "series",
                 "ground_truth": phantom.ground_truth(),

@@ -27,6 +27,8 @@ Findings (CT-RATE label names, spelled exactly):
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -160,6 +162,68 @@ class Phantom:
 
     def ground_truth_json(self) -> str:
         return json.dumps(self.ground_truth(), sort_keys=True, indent=2)
+
+    def finding_masks(self) -> dict[str, np.ndarray]:
+        """Where each present finding is: see :func:`finding_masks`."""
+        return finding_masks(self.labels, {name: f.to_json() for name, f in self.findings.items()})
+
+
+# Label-map code(s) of each finding's voxels; cardiomegaly is the (enlarged) heart itself.
+FINDING_LABELS: dict[str, str] = {
+    "Lung nodule": "nodule",
+    "Pleural effusion": "pleural effusion",
+    "Cardiomegaly": "heart",
+    "Emphysema": "emphysema",
+    "Consolidation": "consolidation",
+}
+LABEL_MAP_SUFFIX = "_labels.npy.gz"
+
+
+def finding_masks(labels: np.ndarray, findings: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Boolean ``(z, y, x)`` voxel masks of the present findings of a phantom's label map ``labels``
+    (``findings``: its ground truth, :meth:`Finding.to_json` per name), keyed by finding name and, for the
+    findings with a side, ``"<name> left"`` / ``"<name> right"`` (the patient's left is the image's right,
+    ``x >= X / 2``). Absent findings have no key."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise SyntheticDataError(f"a phantom label map is (z, y, x), got shape {labels.shape}")
+    left = np.arange(labels.shape[2]) >= labels.shape[2] / 2  # (X,) patient's left columns
+    masks: dict[str, np.ndarray] = {}
+    for name in RENDERABLE_FINDINGS:
+        if not (findings.get(name) or {}).get("present"):
+            continue
+        mask = labels == LABELS[FINDING_LABELS[name]]
+        masks[name] = mask
+        if name in LATERAL_FINDINGS:
+            masks[f"{name} left"] = mask & left
+            masks[f"{name} right"] = mask & ~left
+    return masks
+
+
+def write_label_map(phantom: Phantom, path: str | Path) -> Path:
+    """Save the phantom's ``(z, y, x)`` label map (codes of :data:`LABELS`) as a gzipped ``.npy`` (no
+    time stamp: the same phantom gives the same bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(phantom.labels, dtype=np.uint8))
+    path.write_bytes(gzip.compress(buffer.getvalue(), mtime=0))
+    return path
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """The ``(z, y, x)`` uint8 label map written by :func:`write_label_map`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SyntheticDataError(f"{path}: label map not found; rebuild the synthetic set "
+                                 "(python -m finetune.demo_data --out DIR) to write one beside each CT study")
+    try:
+        labels = np.load(io.BytesIO(gzip.decompress(path.read_bytes())), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise SyntheticDataError(f"{path}: not a gzipped .npy label map ({error}); rebuild the synthetic set") from error
+    if labels.ndim != 3:
+        raise SyntheticDataError(f"{path}: a label map is (z, y, x), got shape {labels.shape}")
+    return labels
 
 
 @dataclass(frozen=True)

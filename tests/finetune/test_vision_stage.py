@@ -14,6 +14,7 @@ from finetune import FinetuneError
 from finetune.data import DataError
 from finetune.train import read_loss_csv, run_training
 from finetune.vision import (
+    LabelledImageDataset,
     bag_logits,
     collate_bags,
     init_projector_from_head,
@@ -22,6 +23,7 @@ from finetune.vision import (
     load_head,
     load_labelled_images,
     multi_hot,
+    token_targets,
 )
 from longllava.loading import load_model
 
@@ -158,3 +160,87 @@ def test_a_bag_pools_the_head_over_every_token_of_its_images(vision_run, tmp_pat
         torch.testing.assert_close(head(**single_batch)["logits"], head(pixels)["logits"], atol=0, rtol=0)
         with pytest.raises(ValueError, match="bag sizes add up to 4, but 5 images came"):
             head(pixels, bag_sizes=torch.tensor([2, 2]))
+
+
+def square_cells(side: str, grid: int = 4) -> list[int]:
+    """Cells of the tiny preset's 4 x 4 pooled grid (14 px each on 56 px) that the bright square of
+    :func:`write_labelled_shapes` covers: rows 20-35 -> grid rows 1-2; columns 6-21 or 34-49."""
+    columns = (0, 1) if side == "left" else (2, 3)
+    return [row * grid + column for row in (1, 2) for column in columns]
+
+
+def with_token_labels(path: Path) -> Path:
+    """The shapes' records with per-token targets: every label's cells on the 4 x 4 grid."""
+    records = json.loads(path.read_text())
+    for record in records:
+        side = next((name.split()[1] for name in record["labels"] if " " in name), None)
+        cells = square_cells(side) if side else []
+        record["token_grid"] = 4
+        record["token_labels"] = {"square": cells, "square left": cells if side == "left" else [],
+                                  "square right": cells if side == "right" else []}
+    target = path.with_name("vision_tokens.json")
+    target.write_text(json.dumps(records))
+    return target
+
+
+def test_token_targets_add_a_per_token_loss_over_the_named_labels(vision_run):
+    recipe, data, summary = vision_run
+    model, processor = load_model(summary["saved_to"])
+    head, vocabulary = load_head(model, recipe.output_dir)
+    records = load_labelled_images(with_token_labels(data))
+    assert records[1].token_grid == 4 and records[1].token_labels["square left"] == tuple(square_cells("left"))
+    items = [LabelledImageDataset(records[:4], vocabulary, processor.image_processor, token_grid=4)[i] for i in range(4)]
+    batch = collate_bags(items)
+    assert batch["token_targets"].shape == (4, 16, 3) and batch["token_mask"].all()
+    assert batch["token_targets"][1, :, 1].nonzero().flatten().tolist() == square_cells("left")
+    batch["token_mask"][:, 2] = False  # "square right": no token target
+    head.token_loss_weight = 0.5
+    with torch.no_grad():
+        tokens = head.token_logits(batch["pixel_values"])  # (4, 16, 3)
+        pooled = torch.logsumexp(tokens, dim=1) - np.log(16)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        expected = bce(pooled, batch["labels"]) + 0.5 * bce(tokens[..., :2], batch["token_targets"][..., :2])
+        torch.testing.assert_close(head(**batch)["loss"], expected, atol=1e-6, rtol=1e-6)
+        head.token_loss_weight = 0.0
+        torch.testing.assert_close(head(**batch)["loss"], bce(pooled, batch["labels"]), atol=1e-6, rtol=1e-6)
+    with pytest.raises(DataError, match="token_grid 4 is not the model's pooled grid 5"):
+        token_targets(records[0], vocabulary, 5)
+
+
+def test_vision_stage_with_token_targets_puts_the_evidence_in_the_square_s_tokens(tmp_path, make_recipe):
+    data = with_token_labels(write_labelled_shapes(tmp_path / "shapes"))
+    recipe = make_recipe(data, tmp_path / "run", mode="full", stage="vision", max_steps=24, save_steps=100,
+                         learning_rate=2e-3, per_device_train_batch_size=8, vision_token_loss_weight=1.0)
+    summary = run_training(recipe)
+    model, processor = load_model(summary["saved_to"])
+    head, vocabulary = load_head(model, recipe.output_dir)
+    records = load_labelled_images(data)
+    pixels = processor.image_processor([Image.open(r.image) for r in records], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        square = head.token_logits(pixels)[..., vocabulary.index("square")]  # (24, 16)
+    inside = torch.zeros_like(square, dtype=torch.bool)
+    for i, record in enumerate(records):
+        inside[i, list(record.token_labels["square"])] = True
+    # the square's own cells light up: a margin of 8.7 logits here, 1.2 without the token loss (same run, weight 0)
+    assert square[inside].mean() > square[~inside].mean() + 4.0
+
+
+def test_token_labels_are_checked_where_they_are_read(tmp_path, make_recipe):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    bad = tmp_path / "bad.json"
+    for record, message in (
+        ({"token_labels": {"x": [0]}}, "need 'token_grid'"),
+        ({"token_labels": {"x": [9]}, "token_grid": 3}, r"cells 0..8 of the 3 x 3 grid"),
+        ({"token_labels": ["x"], "token_grid": 3}, "must map label names"),
+        ({"images": ["x.png", "x.png"], "token_labels": {"x": []}, "token_grid": 3}, "a bag of 2 images cannot"),
+    ):
+        bad.write_text(json.dumps([{"id": "a", "images": ["x.png"], "labels": ["x"], **record}]))
+        with pytest.raises(DataError, match=message):
+            load_labelled_images(bad)
+    bad.write_text(json.dumps([{"id": "a", "images": ["x.png"], "labels": ["x"], "token_labels": {"y": [0]},
+                                "token_grid": 3}]))
+    with pytest.raises(DataError, match="token label 'y' is not in the head's vocabulary"):
+        token_targets(load_labelled_images(bad)[0], ["x"], 3)
+    with pytest.raises(FinetuneError, match="vision_token_loss_weight -1.0 must be 0"):
+        make_recipe(bad, tmp_path / "out", mode="full", stage="vision", gradient_checkpointing=False,
+                    vision_token_loss_weight=-1.0)

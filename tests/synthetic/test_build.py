@@ -12,6 +12,7 @@ import pytest
 import rasterio
 
 from domain_data.synthetic.build import build_synthetic_sets, main
+from domain_data.synthetic.ct_phantom import read_label_map
 from domain_data.synthetic.errors import SyntheticDataError
 
 SMALL = dict(
@@ -56,6 +57,10 @@ def test_same_seed_byte_identical_text_and_identical_arrays(built, tmp_path):
             assert a.transform == b.transform and a.crs == b.crs
     for rel in sorted(p.relative_to(first) for p in first.rglob("*.nii.gz")):
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+    label_maps = sorted(p.relative_to(first) for p in first.rglob("*_labels.npy.gz"))
+    assert len(label_maps) == SMALL["n_ct_train"] + SMALL["n_ct_test"]  # one per study, NIfTI or DICOM
+    for rel in label_maps:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
     build_synthetic_sets(tmp_path / "c", seed=6, **SMALL)
     assert (tmp_path / "c/ct_test.jsonl").read_bytes() != (first / "ct_test.jsonl").read_bytes()
 
@@ -66,6 +71,9 @@ def test_files_and_paths(built):
         assert (out / name).is_file(), name
     assert (out / "ct/train/ct_train_0001").is_dir()  # every 2nd study as a DICOM series
     assert (out / "ct/train/ct_train_0000.nii.gz").is_file()
+    for study in read_jsonl(out / "ct_train_studies.jsonl") + read_jsonl(out / "ct_test_studies.jsonl"):
+        labels = read_label_map(out / study["label_map"])
+        assert list(labels.shape) == study["ground_truth"]["shape_zyx"] and labels.dtype == np.uint8
     for name in ("ct_train.json", "rs_train.json"):
         for record in json.loads((out / name).read_text()):
             assert (out / record["image"]).exists()

@@ -11,7 +11,10 @@ from domain_data.synthetic.ct_phantom import (
     LABELS,
     LUNG_FIELD_LABELS,
     RENDERABLE_FINDINGS,
+    finding_masks,
     make_ct_phantom,
+    read_label_map,
+    write_label_map,
 )
 from domain_data.synthetic.errors import SyntheticDataError
 from longllava.errors import UserInputError
@@ -227,3 +230,28 @@ def test_only_the_declared_finding_is_measurable(name):
     measured = measure_findings(phantom)
     declared = {finding: phantom.findings[finding].present for finding in RENDERABLE_FINDINGS}
     assert measured == declared
+
+
+def test_finding_masks_locate_each_present_finding_by_side(tmp_path):
+    phantom = make_ct_phantom(62, findings={"Lung nodule": {"count": 2, "side": "both"}, "Consolidation": {"side": "left"},
+                                            "Cardiomegaly": {}}, n_slices=SLICES, size=SIZE)
+    masks = phantom.finding_masks()
+    assert set(masks) == {"Lung nodule", "Lung nodule left", "Lung nodule right", "Cardiomegaly",
+                          "Consolidation", "Consolidation left", "Consolidation right"}
+    for nodule in phantom.findings["Lung nodule"].details["nodules"]:
+        assert masks[f"Lung nodule {nodule['side']}"][tuple(nodule["centre_zyx"])]
+    assert masks["Lung nodule left"].any() and masks["Lung nodule right"].any()
+    assert np.array_equal(masks["Lung nodule left"] | masks["Lung nodule right"], masks["Lung nodule"])
+    assert side_of_columns(np.flatnonzero(masks["Consolidation"].any(axis=(0, 1))), SIZE) == "left"
+    assert not masks["Consolidation right"].any()
+    assert np.array_equal(masks["Cardiomegaly"], phantom.labels == LABELS["heart"])
+    path = write_label_map(phantom, tmp_path / "study_labels.npy.gz")
+    assert path.read_bytes() == write_label_map(phantom, tmp_path / "again.npy.gz").read_bytes()  # no time stamp
+    truth = phantom.ground_truth()["findings"]
+    reread = finding_masks(read_label_map(path), truth)
+    assert all(np.array_equal(reread[name], mask) for name, mask in masks.items())
+    with pytest.raises(SyntheticDataError, match="missing_labels.npy.gz: label map not found; rebuild"):
+        read_label_map(tmp_path / "missing_labels.npy.gz")
+    (tmp_path / "broken.npy.gz").write_bytes(b"not gzip")
+    with pytest.raises(SyntheticDataError, match="broken.npy.gz: not a gzipped .npy label map"):
+        read_label_map(tmp_path / "broken.npy.gz")

@@ -15,6 +15,7 @@ from domain_data.medical.slices import (
     render_slab,
     render_slice,
     slab_bounds,
+    slab_token_cover,
 )
 from domain_data.medical.windows import WINDOWS, apply_window, multi_window_rgb
 from longllava.protocol import count_images, series_prompt
@@ -153,3 +154,22 @@ def test_slab_window_shows_a_finding_between_sampled_planes() -> None:
     assert blue[0][5, 5] - blue[0][0, 0] > 100 and all(b.max() == b.min() for b in blue[1:])
     np.testing.assert_allclose(slabs.source_indices[:2], [3.0, 10.5])  # slab middles (planes 0-6, 7-14)
     np.testing.assert_allclose(slabs.positions_mm[:2], [6.0, 21.0])  # 2 mm apart
+
+
+def test_slab_token_cover_counts_the_pixels_render_slab_draws_in_each_token_cell() -> None:
+    volume = _volume(20)
+    volume.hu[:] = -850.0
+    mask = np.zeros(volume.hu.shape, dtype=bool)
+    mask[12:14, 2:4, 9:11] = True  # planes 12-13: slab 2 of 4 (planes 10-14); rows 2-3, columns 9-10
+    volume.hu[mask] = 35.0
+    pixel_mm = (float(volume.spacing_mm[1]), float(volume.spacing_mm[2]))
+    slabs = ct_to_slices(volume, num_slices=4, window="slab", size=24)
+    cover = slab_token_cover(mask, 4, 24, grid=3, pixel_mm=pixel_mm)  # 3 x 3 cells of 8 x 8 px
+    assert cover.shape == (4, 9) and not cover[[0, 1, 3]].any()
+    blue = np.asarray(slabs.images[2])[..., 2].astype(int)
+    drawn = blue > (blue.min() + blue.max()) / 2  # where the slab shows the dense block
+    cells = drawn.reshape(3, 8, 3, 8).sum(axis=(1, 3)).ravel()
+    assert cover[2].sum() > 0 and np.array_equal(cover[2] > 0, cells > 0)
+    assert abs(int(cover[2].sum()) - int(drawn.sum())) <= 0.25 * drawn.sum()
+    with pytest.raises(CTInputError, match="grid"):
+        slab_token_cover(mask, 4, 24, grid=30)

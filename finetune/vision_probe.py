@@ -11,7 +11,10 @@ the way the recipes do (``--render``: sampled planes or ``window: slab``), runs 
   study has the finding -- what stage 3's presence questions need. A finding on 1-2 of 16 images needs
   an image-level detector with almost no false positives for the maximum to separate studies;
 * study level, bag: the head pooled over every token of all the study's images at once (the study as a
-  multiple-instance bag, :mod:`finetune.vision`), what a stage 1 trained on study bags optimises.
+  multiple-instance bag, :mod:`finetune.vision`), what a stage 1 trained on study bags optimises;
+* cell level (slab renders of studies with a label map): each token's logit against whether the finding
+  covers its cell of the pooled grid (:func:`finetune.demo_data.slab_token_labels`, what stage 1's token
+  targets train): does the token that sees the finding carry it?
 
 Writes ``vision_probe.json`` and prints a table. This is the check to run after stage 1, before spending
 an hour on stages 2-3 (model card, "How it got here").
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,13 +56,16 @@ def write_probe_result(out: str | Path, file_name: str, result: dict[str, Any], 
 
 def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence[dict[str, Any]],
                    probabilities: Sequence[np.ndarray], label_index: dict[str, int],
-                   bag_probabilities: Sequence[np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
+                   bag_probabilities: Sequence[np.ndarray] | None = None,
+                   cells: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> dict[str, dict[str, Any]]:
     """Per rendered finding: image-level AUC and study-level AUC of the max / mean probability (and of
-    the bag's, when given).
+    the bag's, when given), and the cell-level AUC when ``cells`` is given.
 
     ``study_answers[i][k]`` is image k's :func:`slice_findings_answer` of study i, ``study_truth[i]`` the
     study's ``findings``, ``probabilities[i]`` its ``(images, labels)`` head probabilities and
-    ``bag_probabilities[i]`` its ``(labels,)`` probabilities with the head pooled over all its images."""
+    ``bag_probabilities[i]`` its ``(labels,)`` probabilities with the head pooled over all its images;
+    ``cells`` is ``(token logits (tokens, labels), {label: (tokens,) bool})``: every token of every image
+    scored, and whether the label's finding covers it."""
     from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
 
     scores = {}
@@ -79,7 +86,27 @@ def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence
         }
         if bag_probabilities is not None:
             scores[name]["study_auc_bag"] = auc_or_none(present, [p[column] for p in bag_probabilities])
+        if cells is not None and label in cells[1]:
+            scores[name]["cell_auc"] = auc_or_none(cells[1][label], cells[0][:, column])
     return scores
+
+
+def _cell_targets(study: dict[str, Any], data: Path, render: dict[str, Any], count: int, grid: int,
+                  labels: Sequence[str]) -> np.ndarray | None:
+    """(images * grid**2, labels) bool: whether each label's finding covers each token cell of the study's
+    slab images, or None when the study has no label map or the render is not slabs."""
+    from domain_data.medical.slices import SLAB_WINDOW
+    from domain_data.synthetic.ct_phantom import read_label_map
+    from finetune.demo_data import slab_token_labels
+
+    if render.get("window") != SLAB_WINDOW or "label_map" not in study:
+        return None
+    images = slab_token_labels(study["ground_truth"], read_label_map(data / study["label_map"]), render, count, grid)
+    targets = np.zeros((count, grid * grid, len(labels)), dtype=bool)
+    for k, image in enumerate(images):
+        for j, label in enumerate(labels):
+            targets[k, image.get(label, []), j] = True
+    return targets.reshape(count * grid * grid, len(labels))
 
 
 def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cache_dir: str | Path,
@@ -89,9 +116,9 @@ def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cach
     from tqdm import tqdm
 
     from finetune import FinetuneError
-    from finetune.data import TrainingRecord, record_visuals
+    from finetune.data import TrainingRecord, processor_image_loader, record_visuals
     from finetune.demo_data import rendered_slice_answers
-    from finetune.vision import LabelledImage, bag_logits, label_logits, load_head
+    from finetune.vision import bag_logits, load_head
     from longllava.loading import load_model
 
     run_dir, studies_path = Path(run_dir), Path(data) / STUDIES_FILE
@@ -100,22 +127,31 @@ def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cach
     model, processor = load_model(run_dir / "model")
     head, vocabulary = load_head(model, run_dir)
     lines = studies_path.read_text().splitlines()[:limit]
-    answers, truths, probabilities, bags = [], [], [], []
+    load = processor_image_loader(processor.image_processor)
+    answers, truths, probabilities, bags, token_logits, cell_targets = [], [], [], [], [], []
     for number, line in enumerate(tqdm(lines, desc="probe studies", unit="study"), start=1):
         study = json.loads(line)
-        where = f"{studies_path}:{number}"
         record = TrainingRecord(study["id"], (), ct=Path(data) / study["image"], layout="series",
-                                render=dict(render), where=where)
+                                render=dict(render), where=f"{studies_path}:{number}")
         visuals = record_visuals(record, cache_dir)
-        images = [LabelledImage(f"{study['id']}_{k}", (path,), (), where) for k, path in enumerate(visuals.paths)]
-        logits = label_logits(head, images, processor.image_processor)
+        with torch.no_grad():
+            tokens = head.token_logits(load(list(visuals.paths)))  # (images, t, L)
+        logits = torch.logsumexp(tokens, dim=1) - math.log(tokens.shape[1])  # (images, L): the head's pooling
         probabilities.append(torch.sigmoid(logits).numpy())
         bags.append(torch.sigmoid(bag_logits(logits)).numpy())
         answers.append(rendered_slice_answers(study["ground_truth"], render, len(visuals.paths)))
         truths.append(study["ground_truth"]["findings"])
+        targets = _cell_targets(study, Path(data), render, len(visuals.paths), head.pooled_grid, vocabulary)
+        if targets is not None:
+            token_logits.append(tokens.flatten(0, 1).numpy())
+            cell_targets.append(targets)
     label_index = {label: i for i, label in enumerate(vocabulary)}
+    cells = None
+    if cell_targets and len(cell_targets) == len(lines):
+        stacked = np.concatenate(cell_targets)
+        cells = (np.concatenate(token_logits), {label: stacked[:, i] for label, i in label_index.items()})
     return {"run": str(run_dir), "data": str(data), "render": render, "studies": len(lines),
-            "findings": finding_scores(answers, truths, probabilities, label_index, bags)}
+            "findings": finding_scores(answers, truths, probabilities, label_index, bags, cells)}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -125,11 +161,12 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [f"vision probe of {result['run']} on {result['studies']} studies of {result['data']} "
             f"(render {result['render']})",
             "| finding | studies with | images with | image AUC | study AUC (max) | study AUC (mean) "
-            "| study AUC (bag) |",
-            "|---|---|---|---|---|---|---|"]
+            "| study AUC (bag) | cell AUC |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, s in result["findings"].items():
         rows.append(f"| {name} | {s['studies_with']} | {s['images_with']} | {cell(s['image_auc'])} | "
-                    f"{cell(s['study_auc_max'])} | {cell(s['study_auc_mean'])} | {cell(s.get('study_auc_bag'))} |")
+                    f"{cell(s['study_auc_max'])} | {cell(s['study_auc_mean'])} | {cell(s.get('study_auc_bag'))} | "
+                    f"{cell(s.get('cell_auc'))} |")
     return "\n".join(rows)
 
 

@@ -36,6 +36,13 @@ def test_finding_scores_pool_image_probabilities_per_study() -> None:
     with_bags = finding_scores(answers, truths, probabilities, {label: i for i, label in enumerate(LABELS)}, bags)
     assert with_bags["Lung nodule"]["study_auc_bag"] == pytest.approx(0.5)  # 0.7 > 0.3 > 0.2
     assert auc_or_none([True, False], [0.2, 0.4]) == pytest.approx(0.0)
+    # cell level: every token's logit against whether the finding covers its cell
+    token_logits = np.array([[2.0, 0.0], [0.5, 0.0], [1.0, 0.0], [-1.0, 0.0]])
+    covered = {"ct lung nodule": np.array([True, False, True, False]), "ct cardiomegaly": np.zeros(4, dtype=bool)}
+    with_cells = finding_scores(answers, truths, probabilities, {label: i for i, label in enumerate(LABELS)},
+                                cells=(token_logits, covered))
+    assert with_cells["Lung nodule"]["cell_auc"] == pytest.approx(1.0)  # 2.0, 1.0 > 0.5, -1.0
+    assert with_cells["Cardiomegaly"]["cell_auc"] is None and "cell_auc" not in got
 
 
 def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) -> None:
@@ -60,9 +67,9 @@ def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) 
     for name, scores in result["findings"].items():
         assert scores["studies_with"] == sum(study[name]["present"] for study in studies)
         assert scores["images_with"] <= 4 * scores["studies_with"]  # only a study with it has such images
-        for key in ("image_auc", "study_auc_max", "study_auc_mean", "study_auc_bag"):
+        for key in ("image_auc", "study_auc_max", "study_auc_mean", "study_auc_bag", "cell_auc"):
             assert scores[key] is None or 0.0 <= scores[key] <= 1.0
     table = capsys.readouterr().out
-    assert "| finding | studies with" in table and "study AUC (bag) |" in table and "Cardiomegaly" in table
+    assert "| finding | studies with" in table and "study AUC (bag) | cell AUC |" in table and "Cardiomegaly" in table
     with pytest.raises(FinetuneError, match="ct_test_studies.jsonl not found"):
         main(["--run", str(run), "--data", str(tmp_path / "nowhere")])

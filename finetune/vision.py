@@ -116,7 +116,9 @@ def load_labelled_images(path: str | Path, image_root: str | Path | None = None)
 
 
 def label_vocabulary(records: Sequence[LabelledImage]) -> list[str]:
-    names = sorted({name for record in records for name in record.labels})
+    """Every label name the records give, in ``labels`` or as a key of ``token_labels``, sorted."""
+    names = {name for record in records for name in record.labels}
+    names = sorted(names | {name for record in records for name in (record.token_labels or {})})
     if not names:
         raise DataError("the vision-stage records name no labels at all; every record has 'labels': []")
     return names

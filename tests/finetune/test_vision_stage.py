@@ -20,6 +20,7 @@ from finetune.vision import (
     init_projector_from_head,
     label_logits,
     label_probabilities,
+    label_vocabulary,
     load_head,
     load_labelled_images,
     multi_hot,
@@ -239,6 +240,7 @@ def test_token_labels_are_checked_where_they_are_read(tmp_path, make_recipe):
             load_labelled_images(bad)
     bad.write_text(json.dumps([{"id": "a", "images": ["x.png"], "labels": ["x"], "token_labels": {"y": [0]},
                                 "token_grid": 3}]))
+    assert label_vocabulary(load_labelled_images(bad)) == ["x", "y"]  # a token label is a label too
     with pytest.raises(DataError, match="token label 'y' is not in the head's vocabulary"):
         token_targets(load_labelled_images(bad)[0], ["x"], 3)
     with pytest.raises(FinetuneError, match="vision_token_loss_weight -1.0 must be 0"):

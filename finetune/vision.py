@@ -189,6 +189,11 @@ def collate_bags(items: Sequence[dict]) -> dict:
     return batch
 
 
+def log_mean_exp(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """The head's pooling, a soft maximum: ``log(mean(exp(logits)))`` over ``dim``."""
+    return torch.logsumexp(logits, dim=dim) - math.log(logits.shape[dim])
+
+
 class VisionLabelHead(nn.Module):
     """Vision tower -> the pooled patch grid the projector sees -> one linear map per token -> logits
     pooled over the grid (log-mean-exp: a soft maximum).
@@ -234,9 +239,9 @@ class VisionLabelHead(nn.Module):
                 raise ValueError(f"bag sizes add up to {int(bag_sizes.sum())}, but {per_token.shape[0]} images came")
             # each bag's (images * t, L) tokens, pooled alike
             bags = [bag.flatten(0, 1) for bag in per_token.split(bag_sizes.tolist())]
-            logits = torch.stack([torch.logsumexp(bag, dim=0) - math.log(bag.shape[0]) for bag in bags])
+            logits = torch.stack([log_mean_exp(bag, dim=0) for bag in bags])
         else:
-            logits = torch.logsumexp(per_token, dim=1) - math.log(per_token.shape[1])  # (n, L)
+            logits = log_mean_exp(per_token, dim=1)  # (n, L)
         loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
         if loss is not None and token_mask is not None and bool(token_mask.any()) and self.token_loss_weight:
             if token_targets is None or token_targets.shape != per_token.shape:
@@ -301,7 +306,7 @@ def label_probabilities(head: VisionLabelHead, records: Sequence[LabelledImage],
 def bag_logits(image_logits: torch.Tensor) -> torch.Tensor:
     """(n_images, L) pooled logits of single images -> (L,) those of the bag of them all: every image has
     the same number of tokens, so the log-mean-exp over all tokens is the log-mean-exp of the images'."""
-    return torch.logsumexp(image_logits, dim=0) - math.log(image_logits.shape[0])
+    return log_mean_exp(image_logits, dim=0)
 
 
 def init_projector_from_head(model: Any, run_dir: str | Path, scale: float) -> list[str]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,7 @@ def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cach
     from finetune import FinetuneError
     from finetune.data import TrainingRecord, processor_image_loader, record_visuals
     from finetune.demo_data import rendered_slice_answers
-    from finetune.vision import bag_logits, load_head
+    from finetune.vision import bag_logits, load_head, log_mean_exp
     from longllava.loading import load_model
 
     run_dir, studies_path = Path(run_dir), Path(data) / STUDIES_FILE
@@ -136,7 +135,7 @@ def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cach
         visuals = record_visuals(record, cache_dir)
         with torch.no_grad():
             tokens = head.token_logits(load(list(visuals.paths)))  # (images, t, L)
-        logits = torch.logsumexp(tokens, dim=1) - math.log(tokens.shape[1])  # (images, L): the head's pooling
+        logits = log_mean_exp(tokens, dim=1)  # (images, L): the head's pooling
         probabilities.append(torch.sigmoid(logits).numpy())
         bags.append(torch.sigmoid(bag_logits(logits)).numpy())
         answers.append(rendered_slice_answers(study["ground_truth"], render, len(visuals.paths)))

@@ -85,6 +85,8 @@ DEMO_CACHE_DIR = "build/demo_image_cache"
 # of 32 px), and the canvas pixels of a finding a cell must hold to count as showing it
 DEMO_TOKEN_GRID = 5
 TOKEN_MIN_PIXELS = 4
+# ... and the same for satellite tiles (cells showing each object kind) and NIAH images (the needle's cells)
+SCENE_TOKEN_TARGETS = True
 SLICE_QUESTION = "Which findings does this CT slice show? Answer the findings with their side, or none."
 TILE_QUESTION = "How many ships, storage tanks and buildings does this tile show? Answer with three numbers."
 NEEDLE_QUESTION = "Does this image show a bold coloured shape? Answer its colour and shape, or none."
@@ -606,14 +608,105 @@ def add_ct_token_labels(vision: Sequence[dict[str, Any]], out_dir: str | Path, r
     return sum(len(records) for records in slabs.values())
 
 
+def tile_token_label_names() -> list[str]:
+    """The vision labels a tile's token targets cover: ``tile <objects> >= 1`` for every object kind (a
+    cell shows the kind or not; the higher counts stay image-level)."""
+    from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
+
+    return [f"tile {PLURALS[kind]} >= 1" for kind in OBJECT_KINDS]
+
+
+def tile_token_labels(truth: dict[str, Any], row: int, col: int, canvas: int = int(DEMO_RENDER["size"]),
+                      grid: int = DEMO_TOKEN_GRID, min_pixels: int = TOKEN_MIN_PIXELS) -> dict[str, list[int]]:
+    """For the tile at 1-based (``row``, ``col``) of a scene (``truth``: its ``ground_truth``), every label
+    of :func:`tile_token_label_names` -> the row-major cells of the ``grid`` x ``grid`` token grid where that
+    kind's footprints (shadows included) cover at least ``min_pixels`` pixels of the ``canvas``-px image
+    the tower sees (the tile's pixels scaled by ``(canvas / tile_size)^2``)."""
+    from domain_data.synthetic.satellite import OBJECT_KINDS, objects_mask
+    from domain_data.token_cells import cell_pixel_counts
+
+    size, layout = int(truth["tile_size"]), truth["grid"]
+    if not (1 <= row <= layout["rows"] and 1 <= col <= layout["cols"]):
+        raise DemoDataError(f"tile (row {row}, column {col}) is outside the scene's {layout['rows']}x"
+                            f"{layout['cols']} grid")
+    origin = ((col - 1) * size - layout["pad_left"], (row - 1) * size - layout["pad_top"])  # source (x, y)
+    scale = (canvas / size) ** 2
+    labels = {}
+    for kind, name in zip(OBJECT_KINDS, tile_token_label_names(), strict=True):
+        cover = cell_pixel_counts(objects_mask(truth["objects"], kind, origin, (size, size)), grid) * scale
+        labels[name] = np.flatnonzero(cover >= min_pixels).tolist()
+    return labels
+
+
+def needle_token_label_names() -> list[str]:
+    """The vision labels a NIAH image's token targets cover: ``niah needle`` and every colour and shape."""
+    from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES
+
+    return (["niah needle"] + [f"niah colour {c}" for c in NEEDLE_COLOURS]
+            + [f"niah shape {s}" for s in NEEDLE_SHAPES])
+
+
+def needle_token_labels(image: np.ndarray, labels: Sequence[str], canvas: int = int(DEMO_RENDER["size"]),
+                        grid: int = DEMO_TOKEN_GRID, min_pixels: int = TOKEN_MIN_PIXELS) -> dict[str, list[int]]:
+    """Token targets of one NIAH image (``(height, width, 3)`` uint8) with its vision ``labels``
+    (:func:`vision_records`: none for a haystack image): the needle is every pixel in its colour
+    (``domain_data.synthetic.niah.NEEDLE_COLOURS``, drawn exactly); its three labels get the cells it covers
+    by at least ``min_pixels`` pixels of the ``canvas``-px image, every other label of
+    :func:`needle_token_label_names` none."""
+    from domain_data.synthetic.niah import NEEDLE_COLOURS
+    from domain_data.token_cells import cell_pixel_counts
+
+    targets: dict[str, list[int]] = {name: [] for name in needle_token_label_names()}
+    colours = [name.rpartition(" ")[2] for name in labels if name.startswith("niah colour ")]
+    if not colours:
+        return targets
+    needle = np.all(np.asarray(image)[..., :3] == NEEDLE_COLOURS[colours[0]], axis=-1)
+    cover = cell_pixel_counts(needle, grid) * (canvas / needle.shape[0]) * (canvas / needle.shape[1])
+    cells = np.flatnonzero(cover >= min_pixels).tolist()
+    if not cells:
+        raise DemoDataError(f"no pixel of the needle's colour {colours[0]} in a NIAH image labelled {list(labels)}")
+    for name in labels:
+        if name in targets:
+            targets[name] = cells
+    return targets
+
+
+def add_scene_token_labels(vision: Sequence[dict[str, Any]], out_dir: str | Path,
+                           grid: int = DEMO_TOKEN_GRID, min_pixels: int = TOKEN_MIN_PIXELS,
+                           canvas: int = int(DEMO_RENDER["size"])) -> int:
+    """Give every satellite tile record of :func:`vision_records` (id ``<scene>_tRC``) its ``token_labels``
+    (:func:`tile_token_labels`) and every NIAH image record (id ``niah_...``) its own (:func:`needle_token_labels`,
+    from the image), with ``token_grid``, in place. Returns how many records got them."""
+    from PIL import Image
+
+    scenes = {item["id"]: item["ground_truth"] for item in map(json.loads, _built_file(
+        Path(out_dir), "rs_train_scenes.jsonl").read_text().splitlines())}
+    done = 0
+    for record in tqdm(vision, desc="scene token labels", unit="image", disable=len(vision) < 1000):
+        scene, _, tile = record["id"].rpartition("_t")
+        if scene in scenes and len(tile) == 2 and tile.isdigit():
+            labels = tile_token_labels(scenes[scene], int(tile[0]), int(tile[1]), canvas, grid, min_pixels)
+        elif record["id"].startswith("niah_"):
+            with Image.open(record["images"][0]) as image:
+                labels = needle_token_labels(np.asarray(image.convert("RGB")), record["labels"], canvas, grid,
+                                             min_pixels)
+        else:
+            continue
+        record["token_grid"], record["token_labels"] = grid, labels
+        done += 1
+    return done
+
+
 def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
                                vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
-                               slab_presence: bool = SLAB_PRESENCE, token_grid: int | None = DEMO_TOKEN_GRID) -> Path:
+                               slab_presence: bool = SLAB_PRESENCE, token_grid: int | None = DEMO_TOKEN_GRID,
+                               scene_tokens: bool = SCENE_TOKEN_TARGETS) -> Path:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
     (:func:`vision_needle_records`) shuffled in (seeded), and with ``token_grid`` each CT slab's per-token
-    targets on that grid (:func:`add_ct_token_labels`). Returns the first."""
+    targets on that grid (:func:`add_ct_token_labels`), with ``scene_tokens`` also each tile's and NIAH
+    image's (:func:`add_scene_token_labels`). Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
     vision = records
     if vision_needles:
@@ -621,7 +714,10 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
         vision = [vision[i] for i in np.random.default_rng([seed, 19]).permutation(len(vision))]
     vision = vision_records(vision)
     if token_grid:
-        add_ct_token_labels(vision, out_dir, dict(DEMO_RENDER if render is None else render), token_grid)
+        render = dict(DEMO_RENDER if render is None else render)
+        add_ct_token_labels(vision, out_dir, render, token_grid)
+        if scene_tokens:
+            add_scene_token_labels(vision, out_dir, token_grid, canvas=int(render["size"]))
     (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision, indent=1) + "\n")
     target = Path(out_dir) / "single_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")

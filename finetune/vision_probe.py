@@ -16,6 +16,14 @@ the way the recipes do (``--render``: sampled planes or ``window: slab``), runs 
   covers its cell of the pooled grid (:func:`finetune.demo_data.slab_token_labels`, what stage 1's token
   targets train): does the token that sees the finding carry it?
 
+With a ``rs_test_scenes.jsonl`` beside the studies it also scores the first ``--limit`` held-out satellite
+scenes, tile by tile (:func:`probe_scenes`): per object kind the tile AUC of ``tile <objects> >= 1``, the
+cell AUC, how often the ordinal labels give a tile's exact count and their sum the scene's (the count a
+count question asks), and how often the tile the head ranks first holds the kind (a tile question); and
+``--needles`` fresh NIAH needle images beside as many haystack images (:func:`probe_needles`, a seed no
+stage trains on): the needle-vs-haystack AUC, colour and shape accuracy (the head's best colour / shape
+label), the needle's cell AUC. These bound what the language model can read off the tokens.
+
 Writes ``vision_probe.json`` and prints a table. This is the check to run after stage 1, before spending
 an hour on stages 2-3 (model card, "How it got here").
 """
@@ -25,12 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 STUDIES_FILE = "ct_test_studies.jsonl"
+SCENES_FILE = "rs_test_scenes.jsonl"
+PROBE_NEEDLE_SEED = 500_000_000  # NIAH images for the probe: neither the training pool's (1e9 + seed) nor the evaluation's
+PROBE_NEEDLES = 100
 
 
 def auc_or_none(truth: Sequence[bool], score: Sequence[float]) -> float | None:
@@ -108,49 +120,241 @@ def _cell_targets(study: dict[str, Any], data: Path, render: dict[str, Any], cou
     return targets.reshape(count * grid * grid, len(labels))
 
 
-def probe_ct(run_dir: str | Path, data: str | Path, render: dict[str, Any], cache_dir: str | Path,
+@dataclass
+class ProbedHead:
+    """A vision run's label head over its model's tower, the head's labels and the model's image processor."""
+
+    run_dir: Path
+    head: Any
+    vocabulary: list[str]
+    image_processor: Any
+
+    @property
+    def label_index(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.vocabulary)}
+
+    @property
+    def canvas(self) -> int:
+        """The tower's square input side (px)."""
+        return int(self.head.vision_tower.config.image_size)
+
+    def token_logits(self, images: Sequence[Any]) -> np.ndarray:
+        """Image files or PIL images -> ``(images, pooled_grid**2, labels)`` per-token logits."""
+        import torch
+        from PIL import Image
+
+        from finetune.data import processor_image_loader
+
+        if all(isinstance(image, Image.Image) for image in images):
+            pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        else:
+            pixels = processor_image_loader(self.image_processor)(list(images))
+        with torch.no_grad():
+            return self.head.token_logits(pixels).numpy()
+
+
+def open_run(run_dir: str | Path) -> ProbedHead:
+    """Load a stage-'vision' run's ``model/`` and label head."""
+    from finetune.vision import load_head
+    from longllava.loading import load_model
+
+    model, processor = load_model(Path(run_dir) / "model")
+    head, vocabulary = load_head(model, run_dir)
+    return ProbedHead(Path(run_dir), head, vocabulary, processor.image_processor)
+
+
+def pooled_probabilities(token_logits: np.ndarray) -> np.ndarray:
+    """``(images, t, L)`` token logits -> ``(images, L)`` probabilities with the head's pooling."""
+    import torch
+
+    from finetune.vision import log_mean_exp
+
+    return torch.sigmoid(log_mean_exp(torch.from_numpy(token_logits), dim=1)).numpy()
+
+
+def _cells(token_logits: Sequence[np.ndarray], targets: Sequence[dict[str, list[int]]], grid: int,
+           label_index: dict[str, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every token of every image, flattened: ``(tokens, L)`` logits and, per label any image's targets
+    name, ``(tokens,)`` whether the label covers the token's cell."""
+    logits = np.concatenate([t.reshape(-1, t.shape[-1]) for t in token_logits])
+    covered: dict[str, np.ndarray] = {}
+    for k, image in enumerate(targets):
+        for label, cells in image.items():
+            if label in label_index:
+                covered.setdefault(label, np.zeros(len(targets) * grid * grid, dtype=bool))
+                covered[label][k * grid * grid + np.asarray(cells, dtype=int)] = True
+    return logits, covered
+
+
+def probe_ct(run: str | Path | ProbedHead, data: str | Path, render: dict[str, Any], cache_dir: str | Path,
              limit: int | None = 20) -> dict[str, Any]:
-    """Score the label head of the vision run ``run_dir`` (its ``model/`` and head) on ``data``'s studies."""
+    """Score the label head of the vision run ``run`` (its ``model/`` and head) on ``data``'s studies."""
     import torch
     from tqdm import tqdm
 
     from finetune import FinetuneError
-    from finetune.data import TrainingRecord, processor_image_loader, record_visuals
+    from finetune.data import TrainingRecord, record_visuals
     from finetune.demo_data import rendered_slice_answers
-    from finetune.vision import bag_logits, load_head, log_mean_exp
-    from longllava.loading import load_model
+    from finetune.vision import bag_logits, log_mean_exp
 
-    run_dir, studies_path = Path(run_dir), Path(data) / STUDIES_FILE
+    studies_path = Path(data) / STUDIES_FILE
     if not studies_path.is_file():
         raise FinetuneError(f"{studies_path} not found: pass a synthetic build folder (python -m finetune.demo_data)")
-    model, processor = load_model(run_dir / "model")
-    head, vocabulary = load_head(model, run_dir)
+    probed = run if isinstance(run, ProbedHead) else open_run(run)
+    grid = probed.head.pooled_grid
     lines = studies_path.read_text().splitlines()[:limit]
-    load = processor_image_loader(processor.image_processor)
     answers, truths, probabilities, bags, token_logits, cell_targets = [], [], [], [], [], []
     for number, line in enumerate(tqdm(lines, desc="probe studies", unit="study"), start=1):
         study = json.loads(line)
         record = TrainingRecord(study["id"], (), ct=Path(data) / study["image"], layout="series",
                                 render=dict(render), where=f"{studies_path}:{number}")
         visuals = record_visuals(record, cache_dir)
-        with torch.no_grad():
-            tokens = head.token_logits(load(list(visuals.paths)))  # (images, t, L)
-        logits = log_mean_exp(tokens, dim=1)  # (images, L): the head's pooling
+        tokens = probed.token_logits(list(visuals.paths))  # (images, t, L)
+        logits = log_mean_exp(torch.from_numpy(tokens), dim=1)  # (images, L): the head's pooling
         probabilities.append(torch.sigmoid(logits).numpy())
         bags.append(torch.sigmoid(bag_logits(logits)).numpy())
         answers.append(rendered_slice_answers(study["ground_truth"], render, len(visuals.paths)))
         truths.append(study["ground_truth"]["findings"])
-        targets = _cell_targets(study, Path(data), render, len(visuals.paths), head.pooled_grid, vocabulary)
+        targets = _cell_targets(study, Path(data), render, len(visuals.paths), grid, probed.vocabulary)
         if targets is not None:
-            token_logits.append(tokens.flatten(0, 1).numpy())
+            token_logits.append(tokens.reshape(-1, tokens.shape[-1]))
             cell_targets.append(targets)
-    label_index = {label: i for i, label in enumerate(vocabulary)}
+    label_index = probed.label_index
     cells = None
     if cell_targets and len(cell_targets) == len(lines):
         stacked = np.concatenate(cell_targets)
         cells = (np.concatenate(token_logits), {label: stacked[:, i] for label, i in label_index.items()})
-    return {"run": str(run_dir), "data": str(data), "render": render, "studies": len(lines),
+    return {"run": str(probed.run_dir), "data": str(data), "render": render, "studies": len(lines),
             "findings": finding_scores(answers, truths, probabilities, label_index, bags, cells)}
+
+
+def object_scores(counts: Sequence[np.ndarray], probabilities: Sequence[np.ndarray], label_index: dict[str, int],
+                  cells: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per object kind, from each scene's ``(tiles, kinds)`` true counts (kinds in
+    ``domain_data.synthetic.satellite.OBJECT_KINDS`` order) and ``(tiles, L)`` head probabilities:
+
+    * ``tile_auc``: ``tile <objects> >= 1`` against whether the tile holds the kind;
+    * ``tile_count_accuracy``: the tile's count read as how many of its ``>= k`` labels pass 0.5, against
+      the true count (capped at the largest k the head has);
+    * ``scene_count_accuracy``: those counts summed over the scene's tiles against the scene's count;
+    * ``best_tile_accuracy``: over the scenes with the kind, whether the tile with the highest ``>= 1``
+      probability holds it;
+    * ``cell_auc`` (with ``cells``, as :func:`_cells` gives them): each token's ``>= 1`` logit against
+      whether the kind covers its cell."""
+    from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
+
+    scores = {}
+    for j, kind in enumerate(OBJECT_KINDS):
+        columns = [label_index[f"tile {PLURALS[kind]} >= {k}"] for k in range(1, 100)
+                   if f"tile {PLURALS[kind]} >= {k}" in label_index]
+        if not columns:
+            continue
+        has = np.concatenate([c[:, j] > 0 for c in counts])
+        first = np.concatenate([p[:, columns[0]] for p in probabilities])
+        read = [(p[:, columns] >= 0.5).sum(axis=1) for p in probabilities]  # (tiles,) per scene
+        capped = np.concatenate([np.minimum(c[:, j], len(columns)) for c in counts])
+        with_kind = [k for k, c in enumerate(counts) if c[:, j].any()]
+        best = [bool(counts[k][int(np.argmax(probabilities[k][:, columns[0]])), j] > 0) for k in with_kind]
+        scores[kind] = {
+            "tiles_with": int(has.sum()),
+            "tile_auc": auc_or_none(has, first),
+            "tile_count_accuracy": float(np.mean(np.concatenate(read) == capped)),
+            "scene_count_accuracy": float(np.mean([r.sum() == c[:, j].sum() for r, c in zip(read, counts, strict=True)])),
+            "best_tile_accuracy": float(np.mean(best)) if best else None,
+        }
+        label = f"tile {PLURALS[kind]} >= 1"
+        if cells is not None and label in cells[1]:
+            scores[kind]["cell_auc"] = auc_or_none(cells[1][label], cells[0][:, label_index[label]])
+    return scores
+
+
+def probe_scenes(run: str | Path | ProbedHead, data: str | Path, render: dict[str, Any], cache_dir: str | Path,
+                 limit: int | None = 20) -> dict[str, Any] | None:
+    """Score the head on the tiles of ``data``'s first ``limit`` held-out scenes (:func:`object_scores`),
+    rendered with ``render`` as the recipes do; None when ``data`` has no scenes."""
+    from tqdm import tqdm
+
+    from domain_data.synthetic.satellite import OBJECT_KINDS
+    from finetune import FinetuneError
+    from finetune.data import TrainingRecord, record_visuals
+    from finetune.demo_data import tile_token_labels
+
+    scenes_path = Path(data) / SCENES_FILE
+    if not scenes_path.is_file():
+        return None
+    probed = run if isinstance(run, ProbedHead) else open_run(run)
+    grid = probed.head.pooled_grid
+    lines = scenes_path.read_text().splitlines()[:limit]
+    counts, probabilities, token_logits, targets = [], [], [], []
+    for number, line in enumerate(tqdm(lines, desc="probe scenes", unit="scene"), start=1):
+        scene = json.loads(line)
+        truth, where = scene["ground_truth"], f"{scenes_path}:{number}"
+        record = TrainingRecord(scene["id"], (), raster=Path(data) / scene["image"], layout="grid",
+                                render=dict(render), where=where)
+        tiles = list(record_visuals(record, cache_dir).paths[1:])  # thumbnail first
+        rows, cols = truth["grid"]["rows"], truth["grid"]["cols"]
+        if len(tiles) != rows * cols:
+            raise FinetuneError(f"{where}: rendered {len(tiles)} tiles, the scene has {rows}x{cols}; raise the "
+                                "render's max_tiles")
+        places = [(row, col) for row in range(1, rows + 1) for col in range(1, cols + 1)]  # row-major, as rendered
+        counts.append(np.array([[sum(o["kind"] == kind and list(o["tile"]) == [row, col] for o in truth["objects"])
+                                 for kind in OBJECT_KINDS] for row, col in places]))
+        tokens = probed.token_logits(tiles)  # (tiles, t, L)
+        probabilities.append(pooled_probabilities(tokens))
+        token_logits.append(tokens)
+        targets += [tile_token_labels(truth, row, col, probed.canvas, grid) for row, col in places]
+    cells = _cells(token_logits, targets, grid, probed.label_index)
+    return {"scenes": len(lines), "tiles": int(sum(len(c) for c in counts)),
+            "objects": object_scores(counts, probabilities, probed.label_index, cells)}
+
+
+def needle_scores(colours: Sequence[str | None], shapes: Sequence[str | None], probabilities: np.ndarray,
+                  label_index: dict[str, int], cells: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
+                  ) -> dict[str, Any]:
+    """From each image's needle colour and shape (None: a haystack image) and ``(images, L)`` head
+    probabilities: ``needle_auc`` (``niah needle`` against needle or not), ``colour_accuracy`` /
+    ``shape_accuracy`` (on the needle images, the best ``niah colour *`` / ``niah shape *`` label is the
+    true one) and, with ``cells``, ``cell_auc`` (each token's ``niah needle`` logit against the needle's
+    cells)."""
+    is_needle = np.array([c is not None for c in colours])
+    scores: dict[str, Any] = {"needles": int(is_needle.sum()), "haystacks": int((~is_needle).sum())}
+    if "niah needle" in label_index:
+        scores["needle_auc"] = auc_or_none(is_needle, probabilities[:, label_index["niah needle"]])
+    for field, truth in (("colour", colours), ("shape", shapes)):
+        names = sorted(label for label in label_index if label.startswith(f"niah {field} "))
+        if not names:
+            continue
+        best = np.array(names)[np.argmax(probabilities[:, [label_index[n] for n in names]], axis=1)]
+        right = [b == f"niah {field} {t}" for b, t in zip(best, truth, strict=True) if t is not None]
+        scores[f"{field}_accuracy"] = float(np.mean(right)) if right else None
+    if cells is not None and "niah needle" in cells[1]:
+        scores["cell_auc"] = auc_or_none(cells[1]["niah needle"], cells[0][:, label_index["niah needle"]])
+    return scores
+
+
+def probe_needles(run: str | Path | ProbedHead, n: int = PROBE_NEEDLES, seed: int = PROBE_NEEDLE_SEED,
+                  size: int | None = None) -> dict[str, Any]:
+    """Score the head on ``n`` needle images (colours and shapes cycled) and ``n`` haystack images drawn
+    from ``seed`` (:func:`needle_scores`)."""
+    from PIL import Image
+
+    from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES, haystack_image, needle_image
+    from finetune.demo_data import NIAH_SIZE, needle_token_labels
+
+    probed = run if isinstance(run, ProbedHead) else open_run(run)
+    size = NIAH_SIZE if size is None else size
+    grid, colours, shapes = probed.head.pooled_grid, list(NEEDLE_COLOURS), list(NEEDLE_SHAPES)
+    pairs = [(colours[k % len(colours)], shapes[(k // len(colours)) % len(shapes)]) for k in range(n)]
+    arrays = [needle_image(seed, c, s, size, k) for k, (c, s) in enumerate(pairs)]
+    arrays += [haystack_image(seed, n + k, size) for k in range(n)]
+    truth = pairs + [(None, None)] * n
+    targets = [needle_token_labels(a, [] if c is None else ["niah needle", f"niah colour {c}", f"niah shape {s}"],
+                                   probed.canvas, grid) for a, (c, s) in zip(arrays, truth, strict=True)]
+    tokens = np.concatenate([probed.token_logits([Image.fromarray(a) for a in arrays[k:k + 64]])
+                             for k in range(0, len(arrays), 64)])  # (2n, t, L)
+    cells = _cells([tokens], targets, grid, probed.label_index)
+    return {"seed": seed, "size": size, **needle_scores([c for c, _ in truth], [s for _, s in truth],
+                                                        pooled_probabilities(tokens), probed.label_index, cells)}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -166,6 +370,21 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append(f"| {name} | {s['studies_with']} | {s['images_with']} | {cell(s['image_auc'])} | "
                     f"{cell(s['study_auc_max'])} | {cell(s['study_auc_mean'])} | {cell(s.get('study_auc_bag'))} | "
                     f"{cell(s.get('cell_auc'))} |")
+    scenes = result.get("scenes")
+    if scenes:
+        rows += ["", f"{scenes['scenes']} scenes, {scenes['tiles']} tiles:",
+                 "| objects | tiles with | tile AUC | cell AUC | tile count acc. | scene count acc. | best tile acc. |",
+                 "|---|---|---|---|---|---|---|"]
+        for kind, s in scenes["objects"].items():
+            rows.append(f"| {kind} | {s['tiles_with']} | {cell(s['tile_auc'])} | {cell(s.get('cell_auc'))} | "
+                        f"{cell(s['tile_count_accuracy'])} | {cell(s['scene_count_accuracy'])} | "
+                        f"{cell(s['best_tile_accuracy'])} |")
+    needles = result.get("needles")
+    if needles:
+        rows += ["", f"{needles['needles']} needles and {needles['haystacks']} haystack images (seed {needles['seed']}):",
+                 "| needle AUC | colour acc. | shape acc. | cell AUC |", "|---|---|---|---|",
+                 f"| {cell(needles.get('needle_auc'))} | {cell(needles.get('colour_accuracy'))} | "
+                 f"{cell(needles.get('shape_accuracy'))} | {cell(needles.get('cell_auc'))} |"]
     return "\n".join(rows)
 
 
@@ -181,11 +400,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--render", default=default_render, metavar="YAML",
                         help=f"CT render options as the recipes give them (default: the demo recipes' {default_render})")
     parser.add_argument("--cache-dir", default=DEMO_CACHE_DIR, help=f"image cache for the renders (default {DEMO_CACHE_DIR})")
-    parser.add_argument("--limit", type=int, default=20, help="first N studies (default 20, the card's)")
+    parser.add_argument("--limit", type=int, default=20, help="first N studies and scenes (default 20, the card's)")
+    parser.add_argument("--needles", type=int, default=PROBE_NEEDLES,
+                        help=f"fresh NIAH needle (and as many haystack) images to score (default {PROBE_NEEDLES}; 0: none)")
     parser.add_argument("--out", default=None, help="folder for vision_probe.json (default: --run)")
     args = parser.parse_args(argv)
     render = yaml.safe_load(args.render)
-    result = probe_ct(args.run, args.data, render, args.cache_dir, args.limit)
+    probed = open_run(args.run)
+    result = probe_ct(probed, args.data, render, args.cache_dir, args.limit)
+    scenes = probe_scenes(probed, args.data, render, args.cache_dir, args.limit)
+    if scenes is not None:
+        result["scenes"] = scenes
+    if args.needles:
+        result["needles"] = probe_needles(probed, args.needles)
     write_probe_result(args.out or args.run, "vision_probe.json", result, format_table(result))
     return 0
 

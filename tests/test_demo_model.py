@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -20,10 +21,13 @@ from finetune.demo_data import (
     TILE_QUESTION,
     DemoDataError,
     add_ct_token_labels,
+    add_scene_token_labels,
     build_heldout_subset,
     build_niah_train,
     ct_token_label_names,
     follow_up_conversations,
+    needle_token_label_names,
+    needle_token_labels,
     polish_records,
     presence_only_version,
     question_order_group,
@@ -36,6 +40,8 @@ from finetune.demo_data import (
     split_per_question,
     study_bag_records,
     tile_counts_answer,
+    tile_token_label_names,
+    tile_token_labels,
     vision_needle_records,
     vision_records,
     write_polish_records,
@@ -346,7 +352,6 @@ def test_slab_presence_turns_ask_every_finding_and_agree_with_the_listing(tiny_b
 
 
 def test_vision_needles_are_balanced_new_images_seen_only_by_the_vision_stage(tiny_build, tmp_path):
-    import numpy as np
     from PIL import Image
 
     from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES
@@ -396,9 +401,10 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
 
 
 def _without_token_labels(vision_file: Path) -> list[dict]:
-    """The records of a ``vision_train.json`` without the CT slabs' token targets (which every CT record has)."""
+    """The records of a ``vision_train.json`` without the token targets (which every CT slab, tile and NIAH
+    image has)."""
     records = json.loads(vision_file.read_text())
-    assert all(("token_labels" in r) == r["id"].startswith("ct_") for r in records)
+    assert all("token_labels" in r for r in records)
     assert {r["token_grid"] for r in records if "token_grid" in r} == {DEMO_TOKEN_GRID}
     return [{k: v for k, v in r.items() if k not in ("token_labels", "token_grid")} for r in records]
 
@@ -432,6 +438,54 @@ def test_ct_token_labels_mark_the_cells_where_each_finding_is_drawn(tiny_build, 
         k for k, answer in enumerate(answers) if "lung nodule" in answer}
     with pytest.raises(DemoDataError, match="slab images"):
         slab_token_labels(truth, phantom.labels, {**DEMO_RENDER, "window": "multi"}, 16)
+
+
+def test_scene_token_labels_mark_each_object_kind_s_cells_and_the_needle_s(tiny_build, tmp_path):
+    from PIL import Image
+
+    from domain_data.synthetic.niah import _shape_mask, haystack_image, needle_image
+    from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
+    from domain_data.token_cells import cell_pixel_counts
+
+    vision = vision_records(single_image_records(tiny_build, tmp_path / "cache"))
+    tiles = [r for r in vision if r["id"].startswith("rs_")]
+    needles = [r for r in vision if r["id"].startswith("niah_")]
+    assert add_scene_token_labels(vision, tiny_build) == len(tiles) + len(needles) > 0
+    for record in tiles + needles:
+        names = tile_token_label_names() if record["id"].startswith("rs_") else needle_token_label_names()
+        assert list(record["token_labels"]) == names and record["token_grid"] == DEMO_TOKEN_GRID
+        shown = {name for name, cells in record["token_labels"].items() if cells}
+        assert shown <= set(record["labels"]), record["id"]  # a tile without ships has no ship cell
+        if record["id"].startswith("rs_") or record["labels"]:
+            assert shown == {n for n in record["labels"] if n in names}, record["id"]  # and one with them has
+    assert all("token_labels" not in r for r in vision if r["id"].startswith("ct_"))  # add_ct_token_labels' job
+    # a tile: the cell under each object's centre, on the 336-px tile cut into 5 x 5 cells of 67.2 px
+    scene = json.loads((tiny_build / "rs_train_scenes.jsonl").read_text().splitlines()[0])["ground_truth"]
+    for item in scene["objects"]:
+        row, col = item["tile"]
+        x, y = item["cx"] - (col - 1) * 336, item["cy"] - (row - 1) * 336  # the scenes are unpadded
+        cell = int(y * 5 // 336) * 5 + int(x * 5 // 336)
+        assert cell in tile_token_labels(scene, row, col)[f"tile {PLURALS[item['kind']]} >= 1"]
+    empty = {name: [] for name in tile_token_label_names()}
+    occupied = {tuple(item["tile"]) for item in scene["objects"]}
+    free = [(r, c) for r in range(1, scene["grid"]["rows"] + 1) for c in range(1, scene["grid"]["cols"] + 1)
+            if (r, c) not in occupied]
+    assert all(tile_token_labels(scene, r, c) == empty for r, c in free)
+    assert len(OBJECT_KINDS) == len(empty)
+    with pytest.raises(DemoDataError, match="outside"):
+        tile_token_labels(scene, scene["grid"]["rows"] + 1, 1)
+    # a needle: the cells its shape covers by >= 4 px of the 160-px canvas (112-px image: >= 2 px), from its colour
+    image = needle_image(3, "red", "cross", 112, 9)
+    shape = _shape_mask("cross", 112, np.random.default_rng([3, 9, 11]))
+    expected = np.flatnonzero(cell_pixel_counts(shape, 5) * (160 / 112) ** 2 >= 4).tolist()
+    got = needle_token_labels(image, ["niah needle", "niah colour red", "niah shape cross"])
+    assert got["niah needle"] == got["niah colour red"] == got["niah shape cross"] == expected
+    assert not got["niah colour blue"] and not got["niah shape circle"]
+    assert needle_token_labels(haystack_image(3, 9, 112), []) == {name: [] for name in needle_token_label_names()}
+    with pytest.raises(DemoDataError, match="no pixel of the needle's colour blue"):
+        needle_token_labels(image, ["niah needle", "niah colour blue", "niah shape cross"])
+    saved = np.asarray(Image.open(needles[-1]["images"][0]).convert("RGB"))
+    assert needle_token_labels(saved, needles[-1]["labels"]) == needles[-1]["token_labels"]
 
 
 def test_vision_records_turn_every_answer_into_label_names():

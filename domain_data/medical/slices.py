@@ -27,6 +27,7 @@ from PIL import Image
 from domain_data.medical.ct import CTVolume
 from domain_data.medical.errors import CTInputError
 from domain_data.medical.windows import apply_window, get_window, multi_window_rgb
+from domain_data.token_cells import cell_pixel_counts
 from longllava.protocol import series_prompt
 
 MIN_SLICES = 100
@@ -165,7 +166,6 @@ def slab_token_cover(mask: np.ndarray, count: int, size: int, grid: int,
     if mask.ndim != 3 or grid < 1 or grid > size:
         raise CTInputError(f"slab_token_cover needs a (z, y, x) mask and 1 <= grid <= size, got shape "
                            f"{mask.shape}, grid {grid}, size {size}")
-    edges = np.linspace(0, size, grid + 1).round().astype(int)  # token cell boundaries on the canvas
     cover = np.zeros((count, grid * grid), dtype=np.int64)
     for k, (first, last) in enumerate(slab_bounds(mask.shape[0], count)):
         projected = mask[first : last + 1].any(axis=0)
@@ -175,8 +175,7 @@ def slab_token_cover(mask: np.ndarray, count: int, size: int, grid: int,
         canvas = np.zeros((size, size), dtype=bool)
         top, left = (size - scaled.shape[0]) // 2, (size - scaled.shape[1]) // 2
         canvas[top : top + scaled.shape[0], left : left + scaled.shape[1]] = scaled
-        rows = np.add.reduceat(canvas.astype(np.int64), edges[:-1], axis=0)  # (grid, size)
-        cover[k] = np.add.reduceat(rows, edges[:-1], axis=1).ravel()  # (grid * grid,)
+        cover[k] = cell_pixel_counts(canvas, grid)
     return cover
 
 

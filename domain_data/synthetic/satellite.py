@@ -21,7 +21,7 @@ tank farm, a hamlet), which is what the "which row / column / tile" questions as
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,11 +281,60 @@ def _disc(radius: float, half: int, shift: int = 0) -> np.ndarray:
     return (coords[:, None] - shift) ** 2 + (coords[None, :] - shift) ** 2 <= radius**2
 
 
+BUILDING_SHADOW = (3, 3)  # px (down, right) a building's shadow is offset from its roof
+TANK_SHADOW = 2  # px a storage tank's shadow disc is offset down and right
+
+
+def footprint_half(kind: str, length: float, width: float) -> int:
+    """Half side of the square patch an object of this size is painted in (the patch is ``2 * half + 1``)."""
+    _check_kind(kind)
+    if kind == "ship":
+        return int(math.ceil(length / 2)) + 2
+    if kind == "storage tank":
+        return int(math.ceil(length / 2)) + 4
+    return int(math.ceil(math.hypot(length, width) / 2)) + 4
+
+
+def object_footprint(kind: str, length: float, width: float, angle_deg: float) -> np.ndarray:
+    """Boolean ``(2 * half + 1)^2`` patch (:func:`footprint_half`), centred on the object: every pixel
+    painted for it, shadow included -- the scene's ``object`` class there. From a scene's ground truth
+    (``kind``, ``length``, ``width``, ``angle_deg``; a storage tank's length is its diameter)."""
+    half = footprint_half(kind, length, width)
+    if kind == "ship":
+        return _hull_mask(length, width, angle_deg, half)
+    if kind == "storage tank":
+        radius = length / 2
+        return _disc(radius, half) | _disc(radius, half, shift=TANK_SHADOW)
+    roof = _rotated_rect_mask(length, width, angle_deg, half)
+    return roof | np.roll(roof, BUILDING_SHADOW, axis=(0, 1))
+
+
+def objects_mask(objects: Sequence[dict[str, Any]], kind: str, origin: tuple[int, int],
+                 shape: tuple[int, int]) -> np.ndarray:
+    """Boolean ``shape`` ``(height, width)`` mask of every ``kind`` object's footprint
+    (:func:`object_footprint`) in the window whose top-left is source pixel ``origin`` ``(x, y)``; parts
+    outside the window (or the window outside the scene: padding) are dropped. ``objects`` are ground-truth
+    records (``SceneObject.to_json``)."""
+    _check_kind(kind)
+    mask = np.zeros(shape, dtype=bool)
+    for item in objects:
+        if item["kind"] != kind:
+            continue
+        patch = object_footprint(kind, float(item["length"]), float(item["width"]), float(item["angle_deg"]))
+        half = (patch.shape[0] - 1) // 2
+        top, left = int(round(item["cy"])) - half - origin[1], int(round(item["cx"])) - half - origin[0]
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + patch.shape[0], shape[0]), min(left + patch.shape[1], shape[1])
+        if y0 < y1 and x0 < x1:
+            mask[y0:y1, x0:x1] |= patch[y0 - top : y1 - top, x0 - left : x1 - left]
+    return mask
+
+
 def _object_shape(kind: str, rng: np.random.Generator, scale: float) -> dict[str, Any]:
     """Size, angle and the painted layers (boolean masks in one square patch); ``mask`` = footprint."""
     if kind == "ship":
         length, width, angle = rng.uniform(24, 44) * scale, rng.uniform(7, 11) * scale, rng.uniform(0, 180)
-        half = int(math.ceil(length / 2)) + 2
+        half = footprint_half(kind, length, width)
         hull = _hull_mask(length, width, angle, half)
         deck = _rotated_rect_mask(length * 0.4, width * 0.45, angle, half)
         layers = [(hull, (225, 225, 220)), (deck, (150, 150, 155))]
@@ -299,8 +348,8 @@ def _object_shape(kind: str, rng: np.random.Generator, scale: float) -> dict[str
         }
     if kind == "storage tank":
         radius = rng.uniform(9, 16) * scale
-        half = int(math.ceil(radius)) + 4
-        tank, shadow = _disc(radius, half), _disc(radius, half, shift=2)
+        half = footprint_half(kind, 2 * radius, 2 * radius)
+        tank, shadow = _disc(radius, half), _disc(radius, half, shift=TANK_SHADOW)
         rim = tank & ~_disc(radius * 0.75, half)
         layers = [(shadow, (45, 45, 45)), (tank, (208, 208, 204)), (rim, (170, 170, 168))]
         size = 2 * radius
@@ -314,9 +363,9 @@ def _object_shape(kind: str, rng: np.random.Generator, scale: float) -> dict[str
         }
     length, width = rng.uniform(18, 38) * scale, rng.uniform(14, 30) * scale
     angle = float(rng.choice([0.0, 90.0])) + rng.uniform(-8, 8)
-    half = int(math.ceil(math.hypot(length, width) / 2)) + 4
+    half = footprint_half(kind, length, width)
     roof = _rotated_rect_mask(length, width, angle, half)
-    shadow = np.roll(roof, (3, 3), axis=(0, 1))
+    shadow = np.roll(roof, BUILDING_SHADOW, axis=(0, 1))
     roof_colours = ((170, 70, 55), (140, 140, 145), (95, 90, 85), (200, 190, 170))
     roof_colour = roof_colours[int(rng.integers(0, len(roof_colours)))]
     layers = [(shadow, (50, 50, 48)), (roof, roof_colour)]

@@ -1,4 +1,4 @@
-"""finetune.vision_probe: image- and study-level AUC of a vision stage's label head on CT studies."""
+"""finetune.vision_probe: how well a vision stage's label head reads CT studies, satellite tiles and NIAH needles."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finetune import FinetuneError
-from finetune.vision_probe import auc_or_none, finding_scores, main
+from finetune.vision_probe import auc_or_none, finding_scores, main, needle_scores, object_scores
 
 LABELS = ["ct lung nodule", "ct cardiomegaly"]
 
@@ -45,6 +45,45 @@ def test_finding_scores_pool_image_probabilities_per_study() -> None:
     assert with_cells["Cardiomegaly"]["cell_auc"] is None and "cell_auc" not in got
 
 
+def test_object_scores_read_tiles_counts_and_the_best_tile():
+    labels = ["tile ships >= 1", "tile ships >= 2", "tile storage tanks >= 1"]  # no building labels
+    index = {label: i for i, label in enumerate(labels)}
+    # two scenes of three tiles; counts per tile: ships, storage tanks, buildings
+    counts = [np.array([[0, 1, 0], [2, 0, 0], [0, 0, 4]]), np.array([[1, 0, 0], [0, 0, 0], [0, 0, 0]])]
+    probabilities = [np.array([[0.2, 0.1, 0.9], [0.9, 0.7, 0.1], [0.6, 0.1, 0.2]]),   # a false ship on tile 3
+                     np.array([[0.4, 0.0, 0.0], [0.3, 0.0, 0.0], [0.1, 0.0, 0.6]])]  # the ship read below 0.5
+    scores = object_scores(counts, probabilities, index)
+    assert set(scores) == {"ship", "storage tank"}  # buildings: no head label
+    ships = scores["ship"]
+    assert ships["tiles_with"] == 2
+    assert ships["tile_auc"] == pytest.approx(0.875)  # 0.9 beats all four negatives, 0.4 all but the 0.6
+    # tile counts read: scene 1 -> 0, 2, 1 (true 0, 2, 0), scene 2 -> 0, 0, 0 (true 1, 0, 0)
+    assert ships["tile_count_accuracy"] == pytest.approx(4 / 6)
+    assert ships["scene_count_accuracy"] == pytest.approx(0.0)  # 3 vs 2 and 0 vs 1
+    assert ships["best_tile_accuracy"] == pytest.approx(1.0)  # tile 2 of scene 1, tile 1 of scene 2
+    tanks = scores["storage tank"]
+    assert tanks["best_tile_accuracy"] == pytest.approx(1.0) and tanks["scene_count_accuracy"] == pytest.approx(0.5)
+    assert "cell_auc" not in ships
+    logits = np.zeros((4, 3))
+    logits[:, 0] = [3.0, -1.0, 2.0, 0.0]
+    cells = (logits, {"tile ships >= 1": np.array([True, False, False, False])})
+    assert object_scores(counts, probabilities, index, cells)["ship"]["cell_auc"] == pytest.approx(1.0)
+
+
+def test_needle_scores_read_colour_and_shape_on_the_needle_images_only():
+    labels = ["niah needle", "niah colour red", "niah colour blue", "niah shape square", "niah shape cross"]
+    index = {label: i for i, label in enumerate(labels)}
+    probabilities = np.array([[0.9, 0.8, 0.1, 0.3, 0.6],    # red cross: both right
+                              [0.6, 0.7, 0.2, 0.9, 0.1],    # blue square: colour wrong
+                              [0.7, 0.0, 0.9, 0.9, 0.9]])   # a haystack image, not scored for colour / shape
+    scores = needle_scores(["red", "blue", None], ["cross", "square", None], probabilities, index)
+    assert (scores["needles"], scores["haystacks"]) == (2, 1)
+    assert scores["needle_auc"] == pytest.approx(0.5)  # 0.9 > 0.7 > 0.6
+    assert scores["colour_accuracy"] == pytest.approx(0.5) and scores["shape_accuracy"] == pytest.approx(1.0)
+    bare = needle_scores([None], [None], np.zeros((1, 1)), {"ct cardiomegaly": 0})
+    assert bare == {"needles": 0, "haystacks": 1}
+
+
 def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) -> None:
     from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
     from finetune.demo_data import build_heldout_subset
@@ -52,14 +91,16 @@ def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) 
     from longllava.loading import load_model, save_random_model
 
     data, run = tmp_path / "data", tmp_path / "run"
-    build_heldout_subset(data, n_ct=3, n_rs=0)
+    build_heldout_subset(data, n_ct=3, n_rs=1)
     save_random_model("tiny", run / "model", seed=0)
     model, _ = load_model(run / "model")
-    labels = [f"ct {name.lower()}" for name in RENDERABLE_FINDINGS]
+    labels = [f"ct {name.lower()}" for name in RENDERABLE_FINDINGS] + [
+        "tile ships >= 1", "tile ships >= 2", "tile storage tanks >= 1", "tile buildings >= 1", "niah needle",
+        "niah colour red", "niah colour green", "niah shape circle", "niah shape square"]
     save_head(vision_label_head(model, len(labels), seed=0), labels, run)
-    render = "{num_slices: 4, size: 32, window: slab}"
+    render = "{num_slices: 4, size: 32, window: slab, tile_size: 336, max_tiles: 16}"
     assert main(["--run", str(run), "--data", str(data), "--render", render, "--cache-dir", str(tmp_path / "cache"),
-                 "--limit", "3"]) == 0
+                 "--limit", "3", "--needles", "6"]) == 0
     result = json.loads((run / "vision_probe.json").read_text())
     assert result["studies"] == 3 and result["render"]["window"] == "slab"
     studies = [json.loads(line)["ground_truth"]["findings"] for line in (data / "ct_test_studies.jsonl").open()]
@@ -69,7 +110,19 @@ def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) 
         assert scores["images_with"] <= 4 * scores["studies_with"]  # only a study with it has such images
         for key in ("image_auc", "study_auc_max", "study_auc_mean", "study_auc_bag", "cell_auc"):
             assert scores[key] is None or 0.0 <= scores[key] <= 1.0
+    scene = json.loads((data / "rs_test_scenes.jsonl").read_text())["ground_truth"]
+    assert result["scenes"]["scenes"] == 1
+    assert result["scenes"]["tiles"] == scene["grid"]["rows"] * scene["grid"]["cols"]
+    objects = result["scenes"]["objects"]
+    for kind in ("ship", "storage tank", "building"):
+        assert objects[kind]["tiles_with"] == len({tuple(o["tile"]) for o in scene["objects"] if o["kind"] == kind})
+        assert 0.0 <= objects[kind]["tile_count_accuracy"] <= 1.0 and "cell_auc" in objects[kind]
+    needles = result["needles"]
+    assert (needles["needles"], needles["haystacks"]) == (6, 6)
+    for key in ("needle_auc", "colour_accuracy", "shape_accuracy", "cell_auc"):
+        assert 0.0 <= needles[key] <= 1.0
     table = capsys.readouterr().out
+    assert "| objects | tiles with | tile AUC" in table and "6 needles and 6 haystack images" in table
     assert "| finding | studies with" in table and "study AUC (bag) | cell AUC |" in table and "Cardiomegaly" in table
     with pytest.raises(FinetuneError, match="ct_test_studies.jsonl not found"):
         main(["--run", str(run), "--data", str(tmp_path / "nowhere")])

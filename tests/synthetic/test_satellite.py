@@ -13,7 +13,10 @@ from domain_data.synthetic.errors import SyntheticDataError
 from domain_data.synthetic.satellite import (
     CLASSES,
     OBJECT_KINDS,
+    _object_shape,
     make_scene,
+    object_footprint,
+    objects_mask,
     tile_grid,
     tile_of,
     write_geotiff,
@@ -148,3 +151,44 @@ def test_project_tiler_puts_each_object_in_the_stated_tile(scene, tmp_path):
             np.testing.assert_array_equal(
                 tile[v0 : v0 + by1 - by0, u0 : u0 + bx1 - bx0], scene.image[by0:by1, bx0:bx1]
             )
+
+
+def test_object_footprint_is_what_the_scene_paints():
+    rng = np.random.default_rng(11)
+    for kind in OBJECT_KINDS:
+        for _ in range(20):
+            shape = _object_shape(kind, rng, 1.5)
+            np.testing.assert_array_equal(
+                object_footprint(kind, shape["length"], shape["width"], shape["angle"]), shape["mask"]
+            )
+
+
+def test_objects_mask_from_the_ground_truth_covers_the_painted_objects(scene):
+    records = [o.to_json() for o in scene.objects]  # sizes rounded to 0.01 px, angles to 0.1 degree
+    painted = scene.classes == CLASSES["object"]
+    masks = {kind: objects_mask(records, kind, (0, 0), painted.shape) for kind in OBJECT_KINDS}
+    union = np.logical_or.reduce(list(masks.values()))
+    assert (union & painted).sum() / (union | painted).sum() > 0.99
+    assert not (masks["ship"] & masks["building"]).any()
+    # a window hanging over the scene's corner keeps only what lies inside it
+    corner = objects_mask(records, "building", (-100, -50), (300, 400))
+    np.testing.assert_array_equal(corner[50:, 100:], masks["building"][:250, :300])
+    assert not corner[:50].any() and not corner[:, :100].any()
+    with pytest.raises(SyntheticDataError, match="kind"):
+        objects_mask(records, "tree", (0, 0), (10, 10))
+
+
+@pytest.mark.skipif(not HAS_TILER, reason="domain_data.remote_sensing.tiling not available")
+def test_objects_mask_at_a_tile_origin_lands_on_the_tiler_s_pixels(scene, tmp_path):
+    from domain_data.remote_sensing.tiling import tile_image
+
+    grid, records = scene.grid(), [o.to_json() for o in scene.objects]
+    assert grid.pad_top and grid.pad_left  # the fixture is padded on both axes
+    path = write_geotiff(scene, tmp_path / "s.tif")
+    with tile_image(path, tile_size=336, max_tiles=64) as tiled:
+        for row, col in {(o.tile(scene.height, scene.width)) for o in scene.objects}:
+            origin = ((col - 1) * 336 - grid.pad_left, (row - 1) * 336 - grid.pad_top)
+            tile = np.asarray(tiled.read_tile((row - 1) * grid.cols + (col - 1)))
+            for kind in OBJECT_KINDS:
+                v, u = np.nonzero(objects_mask(records, kind, origin, (336, 336)))
+                np.testing.assert_array_equal(tile[v, u], scene.image[v + origin[1], u + origin[0]])

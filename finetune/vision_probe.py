@@ -357,35 +357,37 @@ def probe_needles(run: str | Path | ProbedHead, n: int = PROBE_NEEDLES, seed: in
                                                         pooled_probabilities(tokens), probed.label_index, cells)}
 
 
-def format_table(result: dict[str, Any]) -> str:
-    def cell(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    rows = [f"vision probe of {result['run']} on {result['studies']} studies of {result['data']} "
-            f"(render {result['render']})",
-            "| finding | studies with | images with | image AUC | study AUC (max) | study AUC (mean) "
-            "| study AUC (bag) | cell AUC |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name, s in result["findings"].items():
-        rows.append(f"| {name} | {s['studies_with']} | {s['images_with']} | {cell(s['image_auc'])} | "
-                    f"{cell(s['study_auc_max'])} | {cell(s['study_auc_mean'])} | {cell(s.get('study_auc_bag'))} | "
-                    f"{cell(s.get('cell_auc'))} |")
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Markdown table lines; floats with 3 decimals, None as ``-``."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(map(_cell, row)) + " |" for row in rows]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    findings = result["findings"]
+    lines = [f"vision probe of {result['run']} on {result['studies']} studies of {result['data']} "
+             f"(render {result['render']})"]
+    lines += _table(("finding", "studies with", "images with", "image AUC", "study AUC (max)", "study AUC (mean)",
+                     "study AUC (bag)", "cell AUC"),
+                    [(name, s["studies_with"], s["images_with"], s["image_auc"], s["study_auc_max"],
+                      s["study_auc_mean"], s.get("study_auc_bag"), s.get("cell_auc")) for name, s in findings.items()])
     scenes = result.get("scenes")
     if scenes:
-        rows += ["", f"{scenes['scenes']} scenes, {scenes['tiles']} tiles:",
-                 "| objects | tiles with | tile AUC | cell AUC | tile count acc. | scene count acc. | best tile acc. |",
-                 "|---|---|---|---|---|---|---|"]
-        for kind, s in scenes["objects"].items():
-            rows.append(f"| {kind} | {s['tiles_with']} | {cell(s['tile_auc'])} | {cell(s.get('cell_auc'))} | "
-                        f"{cell(s['tile_count_accuracy'])} | {cell(s['scene_count_accuracy'])} | "
-                        f"{cell(s['best_tile_accuracy'])} |")
+        lines += ["", f"{scenes['scenes']} scenes, {scenes['tiles']} tiles:"]
+        lines += _table(("objects", "tiles with", "tile AUC", "cell AUC", "tile count acc.", "scene count acc.",
+                         "best tile acc."),
+                        [(kind, s["tiles_with"], s["tile_auc"], s.get("cell_auc"), s["tile_count_accuracy"],
+                          s["scene_count_accuracy"], s["best_tile_accuracy"]) for kind, s in scenes["objects"].items()])
     needles = result.get("needles")
     if needles:
-        rows += ["", f"{needles['needles']} needles and {needles['haystacks']} haystack images (seed {needles['seed']}):",
-                 "| needle AUC | colour acc. | shape acc. | cell AUC |", "|---|---|---|---|",
-                 f"| {cell(needles.get('needle_auc'))} | {cell(needles.get('colour_accuracy'))} | "
-                 f"{cell(needles.get('shape_accuracy'))} | {cell(needles.get('cell_auc'))} |"]
-    return "\n".join(rows)
+        lines += ["", f"{needles['needles']} needles and {needles['haystacks']} haystack images (seed {needles['seed']}):"]
+        lines += _table(("needle AUC", "colour acc.", "shape acc.", "cell AUC"),
+                        [[needles.get(key) for key in ("needle_auc", "colour_accuracy", "shape_accuracy", "cell_auc")]])
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -394,17 +394,20 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
         write_polish_records(out, follow_up_sources=("niah_train.json",))
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]) == 0
     assert _without_token_labels(out / "vision_train.json") == vision_records(files["single_train.json"])
+    assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--scene-tokens"]) == 0
+    assert _without_token_labels(out / "vision_train.json", scene_tokens=True) == vision_records(
+        files["single_train.json"])
     assert main(["--out", str(out), "--cache-dir", str(cache), "--records-only", "--slab-presence"]) == 0
     asked = json.loads((out / "single_train.json").read_text())
     assert {len(r["conversations"]) for r in asked if r["id"].startswith("ct")} == {12}
     assert _without_token_labels(out / "vision_train.json") == vision_records(files["single_train.json"])
 
 
-def _without_token_labels(vision_file: Path) -> list[dict]:
-    """The records of a ``vision_train.json`` without the token targets (which every CT slab, tile and NIAH
-    image has)."""
+def _without_token_labels(vision_file: Path, scene_tokens: bool = False) -> list[dict]:
+    """The records of a ``vision_train.json`` without the token targets (which every CT slab has, and with
+    ``scene_tokens`` every tile and NIAH image too)."""
     records = json.loads(vision_file.read_text())
-    assert all("token_labels" in r for r in records)
+    assert all(("token_labels" in r) == (scene_tokens or r["id"].startswith("ct_")) for r in records)
     assert {r["token_grid"] for r in records if "token_grid" in r} == {DEMO_TOKEN_GRID}
     return [{k: v for k, v in r.items() if k not in ("token_labels", "token_grid")} for r in records]
 

@@ -357,12 +357,29 @@ def rendered_slice_answers(truth: dict[str, Any], render: dict[str, Any], count:
     return [slice_findings_answer(truth["findings"], z, z_last) for z, z_last in planes]
 
 
+def tile_object_counts(objects: Sequence[dict[str, Any]], row: int, col: int) -> list[int]:
+    """How many objects of each kind (``OBJECT_KINDS`` order) the tile at 1-based (``row``, ``col``) holds."""
+    from domain_data.synthetic.satellite import OBJECT_KINDS
+
+    inside = [o["kind"] for o in objects if list(o["tile"]) == [row, col]]
+    return [inside.count(kind) for kind in OBJECT_KINDS]
+
+
 def tile_counts_answer(objects: Sequence[dict[str, Any]], row: int, col: int) -> str:
     """Object counts of the tile at 1-based (``row``, ``col``): ``"ships 0, storage tanks 2, buildings 0"``."""
     from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
 
-    inside = [o["kind"] for o in objects if list(o["tile"]) == [row, col]]
-    return ", ".join(f"{PLURALS[kind]} {inside.count(kind)}" for kind in OBJECT_KINDS)
+    counts = tile_object_counts(objects, row, col)
+    return ", ".join(f"{PLURALS[kind]} {count}" for kind, count in zip(OBJECT_KINDS, counts, strict=True))
+
+
+def balanced_needles(n: int) -> list[tuple[str, str]]:
+    """``n`` (colour, shape) pairs cycling through every colour, then every shape: balanced for n a
+    multiple of colours x shapes."""
+    from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES
+
+    colours, shapes = list(NEEDLE_COLOURS), list(NEEDLE_SHAPES)
+    return [(colours[k % len(colours)], shapes[(k // len(colours)) % len(shapes)]) for k in range(n)]
 
 
 def _single(record_id: str, image: Path, question: str, answer: str) -> dict[str, Any]:
@@ -528,13 +545,12 @@ def vision_needle_records(out_dir: str | Path, n_needles: int = NIAH_VISION_NEED
     seeded order."""
     from PIL import Image
 
-    from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES, needle_image
+    from domain_data.synthetic.niah import needle_image
 
     out = Path(out_dir).resolve()
     (out / "niah_vision").mkdir(parents=True, exist_ok=True)
     pool_seed = NIAH_TRAIN_SEED_BASE + seed
-    colours, shapes = list(NEEDLE_COLOURS), list(NEEDLE_SHAPES)
-    pairs = [(colours[k % len(colours)], shapes[(k // len(colours)) % len(shapes)]) for k in range(n_needles)]
+    pairs = balanced_needles(n_needles)
     order = np.random.default_rng([pool_seed, 17]).permutation(n_needles)
     records = []
     for k in tqdm(range(n_needles), desc="vision needles", unit="image", disable=n_needles < 100):

@@ -102,22 +102,18 @@ def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence
     return scores
 
 
-def _cell_targets(study: dict[str, Any], data: Path, render: dict[str, Any], count: int, grid: int,
-                  labels: Sequence[str]) -> np.ndarray | None:
-    """(images * grid**2, labels) bool: whether each label's finding covers each token cell of the study's
-    slab images, or None when the study has no label map or the render is not slabs."""
+def _cell_targets(study: dict[str, Any], data: Path, render: dict[str, Any], count: int,
+                  grid: int) -> list[dict[str, list[int]]] | None:
+    """Per slab image of the study, each finding label -> the token cells it covers
+    (:func:`finetune.demo_data.slab_token_labels`), or None when the study has no label map or the render is
+    not slabs."""
     from domain_data.medical.slices import SLAB_WINDOW
     from domain_data.synthetic.ct_phantom import read_label_map
     from finetune.demo_data import slab_token_labels
 
     if render.get("window") != SLAB_WINDOW or "label_map" not in study:
         return None
-    images = slab_token_labels(study["ground_truth"], read_label_map(data / study["label_map"]), render, count, grid)
-    targets = np.zeros((count, grid * grid, len(labels)), dtype=bool)
-    for k, image in enumerate(images):
-        for j, label in enumerate(labels):
-            targets[k, image.get(label, []), j] = True
-    return targets.reshape(count * grid * grid, len(labels))
+    return slab_token_labels(study["ground_truth"], read_label_map(data / study["label_map"]), render, count, grid)
 
 
 @dataclass
@@ -215,15 +211,14 @@ def probe_ct(run: str | Path | ProbedHead, data: str | Path, render: dict[str, A
         bags.append(torch.sigmoid(bag_logits(logits)).numpy())
         answers.append(rendered_slice_answers(study["ground_truth"], render, len(visuals.paths)))
         truths.append(study["ground_truth"]["findings"])
-        targets = _cell_targets(study, Path(data), render, len(visuals.paths), grid, probed.vocabulary)
+        targets = _cell_targets(study, Path(data), render, len(visuals.paths), grid)
         if targets is not None:
-            token_logits.append(tokens.reshape(-1, tokens.shape[-1]))
-            cell_targets.append(targets)
+            token_logits.append(tokens)
+            cell_targets += targets
     label_index = probed.label_index
     cells = None
-    if cell_targets and len(cell_targets) == len(lines):
-        stacked = np.concatenate(cell_targets)
-        cells = (np.concatenate(token_logits), {label: stacked[:, i] for label, i in label_index.items()})
+    if token_logits and len(token_logits) == len(lines):  # every study has its cells
+        cells = _cells(token_logits, cell_targets, grid, label_index)
     return {"run": str(probed.run_dir), "data": str(data), "render": render, "studies": len(lines),
             "findings": finding_scores(answers, truths, probabilities, label_index, bags, cells)}
 
@@ -274,10 +269,9 @@ def probe_scenes(run: str | Path | ProbedHead, data: str | Path, render: dict[st
     rendered with ``render`` as the recipes do; None when ``data`` has no scenes."""
     from tqdm import tqdm
 
-    from domain_data.synthetic.satellite import OBJECT_KINDS
     from finetune import FinetuneError
     from finetune.data import TrainingRecord, record_visuals
-    from finetune.demo_data import tile_token_labels
+    from finetune.demo_data import tile_object_counts, tile_token_labels
 
     scenes_path = Path(data) / SCENES_FILE
     if not scenes_path.is_file():
@@ -297,8 +291,7 @@ def probe_scenes(run: str | Path | ProbedHead, data: str | Path, render: dict[st
             raise FinetuneError(f"{where}: rendered {len(tiles)} tiles, the scene has {rows}x{cols}; raise the "
                                 "render's max_tiles")
         places = [(row, col) for row in range(1, rows + 1) for col in range(1, cols + 1)]  # row-major, as rendered
-        counts.append(np.array([[sum(o["kind"] == kind and list(o["tile"]) == [row, col] for o in truth["objects"])
-                                 for kind in OBJECT_KINDS] for row, col in places]))
+        counts.append(np.array([tile_object_counts(truth["objects"], row, col) for row, col in places]))
         tokens = probed.token_logits(tiles)  # (tiles, t, L)
         probabilities.append(pooled_probabilities(tokens))
         token_logits.append(tokens)
@@ -338,13 +331,12 @@ def probe_needles(run: str | Path | ProbedHead, n: int = PROBE_NEEDLES, seed: in
     from ``seed`` (:func:`needle_scores`)."""
     from PIL import Image
 
-    from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES, haystack_image, needle_image
-    from finetune.demo_data import NIAH_SIZE, needle_token_labels
+    from domain_data.synthetic.niah import haystack_image, needle_image
+    from finetune.demo_data import NIAH_SIZE, balanced_needles, needle_token_labels
 
     probed = run if isinstance(run, ProbedHead) else open_run(run)
     size = NIAH_SIZE if size is None else size
-    grid, colours, shapes = probed.head.pooled_grid, list(NEEDLE_COLOURS), list(NEEDLE_SHAPES)
-    pairs = [(colours[k % len(colours)], shapes[(k // len(colours)) % len(shapes)]) for k in range(n)]
+    grid, pairs = probed.head.pooled_grid, balanced_needles(n)
     arrays = [needle_image(seed, c, s, size, k) for k, (c, s) in enumerate(pairs)]
     arrays += [haystack_image(seed, n + k, size) for k in range(n)]
     truth = pairs + [(None, None)] * n

@@ -25,9 +25,11 @@ and the held-out sets its model card is scored on:
   (a CT slice, a satellite tile, a NIAH needle or haystack image) with an answer only its pixels give,
   and ``vision_train.json``, the same images with the answers as label names (stage 1, the vision
   tower's pretraining, :func:`vision_records`); ``--vision-needles N`` adds N single needle images
-  (``niah_vision/``, :func:`vision_needle_records`) that only stage 1 sees (the shipped recipe uses none:
-  model card, "How it got here" item 7); ``--slab-presence`` first asks each CT image the five presence
-  questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped recipes: item 13).
+  (``niah_vision/``, :func:`vision_needle_records`) that only stage 1 sees (the shipped recipe uses 5,000:
+  model card, "How it got here" items 7 and 24); ``--no-scene-tokens`` leaves the tiles and NIAH images
+  without per-token targets (:func:`add_scene_token_labels`); ``--slab-presence`` first asks each CT image
+  the five presence questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped
+  recipes: item 13).
   It renders the CT
   studies and scenes into the training image cache (:data:`DEMO_CACHE_DIR`).
 
@@ -63,10 +65,10 @@ NIAH_TRAIN_RECORDS = 1000
 NIAH_POOL_SIZE = 800
 NIAH_IMAGES_RANGE = (4, 48)
 NIAH_SIZE = 112
-# extra needle images (one each, no haystack) that only the vision stage sees: none in the shipped recipe.
-# 5,000 of them (and 1,250 stage-1 steps) raised stage 1's shape reading from 0.33 to 0.48 of fresh needles
-# but NIAH-100 only from 0.25 to 0.30 (model card, "How it got here" item 7)
-NIAH_VISION_NEEDLES = 0
+# extra needle images (one each, no haystack) that only the vision stage sees: 5,000 in the shipped recipe.
+# With per-token targets (SCENE_TOKEN_TARGETS) and 1,300 stage-1 steps they raised stage 1's shape reading
+# from 0.28 to 0.61 of fresh needles (model card, "How it got here" items 7 and 24)
+NIAH_VISION_NEEDLES = 5000
 NIAH_VISION_INDEX_BASE = 10_000_000  # haystack indices of those needles: far from the pool and the records'
 IMAGE_TAG = "<image>"
 SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
@@ -86,9 +88,8 @@ DEMO_CACHE_DIR = "build/demo_image_cache"
 DEMO_TOKEN_GRID = 5
 TOKEN_MIN_PIXELS = 4
 # ... and the same for satellite tiles (cells showing each object kind) and NIAH images (the needle's cells):
-# off in the shipped recipe (measured in session 25, model card item 24: better CT and NIAH answers, satellite
-# answers below the shipped checkpoint's in that one run)
-SCENE_TOKEN_TARGETS = False
+# on in the shipped recipe (model card item 24)
+SCENE_TOKEN_TARGETS = True
 SLICE_QUESTION = "Which findings does this CT slice show? Answer the findings with their side, or none."
 TILE_QUESTION = "How many ships, storage tanks and buildings does this tile show? Answer with three numbers."
 NEEDLE_QUESTION = "Does this image show a bold coloured shape? Answer its colour and shape, or none."

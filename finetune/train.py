@@ -71,6 +71,8 @@ class Recipe:
     projector_init_scale: float = 0.25
     # stage vision: weight of the per-token loss of records with token_labels (0: those targets are not used)
     vision_token_loss_weight: float = 0.0
+    # stage vision: label-name prefix -> weight of those labels' loss terms (others 1), e.g. {"niah shape": 4}
+    vision_label_weights: dict = field(default_factory=dict)
     max_length: int = 4096
     pack: bool = True
     learning_rate: float = 1e-5
@@ -138,6 +140,16 @@ class Recipe:
         if not self.vision_token_loss_weight >= 0:
             raise FinetuneError(f"recipe {self.name}: vision_token_loss_weight {self.vision_token_loss_weight!r} "
                                 "must be 0 (off) or positive")
+        if not isinstance(self.vision_label_weights, dict):
+            raise FinetuneError(f"recipe {self.name}: vision_label_weights {self.vision_label_weights!r} must map "
+                                'label-name prefixes to weights, e.g. {"niah shape": 4}')
+        bad_weights = {k: v for k, v in self.vision_label_weights.items()
+                       if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0}
+        if bad_weights:
+            raise FinetuneError(f"recipe {self.name}: vision_label_weights {bad_weights!r}: map label-name prefixes "
+                                "to weights >= 0")
+        if self.vision_label_weights and self.stage != "vision":
+            raise FinetuneError(f"recipe {self.name}: vision_label_weights apply to stage 'vision' only")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -734,7 +746,9 @@ def _vision_run(recipe: Recipe, model: Any, processor: Any, args: Any, output_di
     vocabulary = vision.label_vocabulary(records)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    head = vision.vision_label_head(model, len(vocabulary), recipe.seed, recipe.vision_token_loss_weight)
+    label_weights = vision.label_weight_vector(vocabulary, recipe.vision_label_weights)
+    head = vision.vision_label_head(model, len(vocabulary), recipe.seed, recipe.vision_token_loss_weight,
+                                    label_weights)
     for parameter in head.parameters():
         parameter.requires_grad_(True)
     with_tokens = recipe.vision_token_loss_weight > 0 and any(r.token_labels is not None for r in records)

@@ -23,7 +23,8 @@ With the recipe's ``vision_token_loss_weight`` above 0 each named label's per-to
 against those cells too (binary cross-entropy over the tokens, added to the pooled loss times the weight),
 so a small finding's evidence is put into the token that sees it instead of being left to the pooled
 (multiple-instance) loss alone; ``finetune.demo_data`` writes them for every CT slab from the phantoms'
-label maps.
+label maps. The recipe's ``vision_label_weights`` (label-name prefix -> weight, e.g. ``{"niah shape": 4}``)
+scale chosen labels' cross-entropy terms in both losses.
 
 The label vocabulary is the sorted set of names in the training files; an image with ``labels: []``
 is a negative for every label. Outputs: ``OUTPUT/model`` (the whole LongLLaVA model, only its vision
@@ -207,13 +208,17 @@ class VisionLabelHead(nn.Module):
     """
 
     def __init__(self, vision_tower: nn.Module, feature_layer: int, pooled_grid: int, n_labels: int,
-                 token_loss_weight: float = 1.0) -> None:
+                 token_loss_weight: float = 1.0, label_weights: torch.Tensor | None = None) -> None:
         super().__init__()
         self.vision_tower = vision_tower
         self.feature_layer = feature_layer
         self.pooled_grid = pooled_grid
         self.token_loss_weight = token_loss_weight
         self.head = nn.Linear(vision_tower.config.hidden_size, n_labels)
+        if label_weights is not None and tuple(label_weights.shape) != (n_labels,):
+            raise ValueError(f"label_weights of shape {tuple(label_weights.shape)}, expected ({n_labels},)")
+        # (n_labels,) weight of each label's cross-entropy terms; a plain attribute, not saved with the head
+        self.label_weights = None if label_weights is None else label_weights.float()
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) -> pooled token features (n, pooled_grid**2, width)."""
@@ -242,23 +247,45 @@ class VisionLabelHead(nn.Module):
             logits = torch.stack([log_mean_exp(bag, dim=0) for bag in bags])
         else:
             logits = log_mean_exp(per_token, dim=1)  # (n, L)
-        loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        weights = self.label_weights
+        loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.float(), weight=None if weights is None else weights.to(logits.device))
         if loss is not None and token_mask is not None and bool(token_mask.any()) and self.token_loss_weight:
             if token_targets is None or token_targets.shape != per_token.shape:
                 raise ValueError(f"token targets of shape {None if token_targets is None else tuple(token_targets.shape)}"
                                  f" do not match the token logits {tuple(per_token.shape)} (single images only)")
             chosen = token_mask[:, None, :].expand_as(per_token)  # (n_images, t, L): the labels with targets
-            token_loss = nn.functional.binary_cross_entropy_with_logits(per_token[chosen], token_targets[chosen].float())
+            token_weights = None if weights is None else weights.to(per_token.device).expand_as(per_token)[chosen]
+            token_loss = nn.functional.binary_cross_entropy_with_logits(
+                per_token[chosen], token_targets[chosen].float(), weight=token_weights)
             loss = loss + self.token_loss_weight * token_loss
         return {"loss": loss, "logits": logits}
 
 
-def vision_label_head(model: Any, n_labels: int, seed: int, token_loss_weight: float = 1.0) -> VisionLabelHead:
+def vision_label_head(model: Any, n_labels: int, seed: int, token_loss_weight: float = 1.0,
+                      label_weights: torch.Tensor | None = None) -> VisionLabelHead:
     """A head over ``model``'s vision tower (seeded init of the new linear layer)."""
     config = model.config
     torch.manual_seed(seed)
     return VisionLabelHead(model.model.vision_tower, config.vision_feature_layer, config.pooled_grid, n_labels,
-                           token_loss_weight)
+                           token_loss_weight, label_weights)
+
+
+def label_weight_vector(vocabulary: Sequence[str], weights_by_prefix: dict[str, float]) -> torch.Tensor | None:
+    """(n_labels,) loss weights: each label takes the weight of the longest prefix in ``weights_by_prefix``
+    it starts with, else 1 (None when no weights are given). A prefix no label starts with is an error."""
+    if not weights_by_prefix:
+        return None
+    unused = [prefix for prefix in weights_by_prefix if not any(name.startswith(prefix) for name in vocabulary)]
+    if unused:
+        raise DataError(f"label weight prefix(es) {', '.join(map(repr, unused))} match no label of the training "
+                        f"files ({len(vocabulary)} labels, e.g. {', '.join(map(repr, list(vocabulary)[:4]))})")
+    vector = torch.ones(len(vocabulary))
+    for i, name in enumerate(vocabulary):
+        matching = [prefix for prefix in weights_by_prefix if name.startswith(prefix)]
+        if matching:
+            vector[i] = float(weights_by_prefix[max(matching, key=len)])
+    return vector
 
 
 def save_head(head: VisionLabelHead, vocabulary: Sequence[str], output_dir: Path) -> None:

@@ -21,6 +21,7 @@ from finetune.vision import (
     label_logits,
     label_probabilities,
     label_vocabulary,
+    label_weight_vector,
     load_head,
     load_labelled_images,
     multi_hot,
@@ -208,6 +209,30 @@ def test_token_targets_add_a_per_token_loss_over_the_named_labels(vision_run):
         token_targets(records[0], vocabulary, 5)
 
 
+def test_label_weights_scale_their_labels_terms_in_both_losses(vision_run):
+    recipe, data, summary = vision_run
+    model, processor = load_model(summary["saved_to"])
+    head, vocabulary = load_head(model, recipe.output_dir)
+    assert vocabulary == ["square", "square left", "square right"]
+    weights = label_weight_vector(vocabulary, {"square": 2.0, "square left": 5.0})  # the longest prefix wins
+    assert weights.tolist() == [2.0, 5.0, 2.0]
+    assert label_weight_vector(vocabulary, {}) is None
+    with pytest.raises(DataError, match="prefix\\(es\\) 'circle' match no label"):
+        label_weight_vector(vocabulary, {"circle": 3.0})
+    records = load_labelled_images(with_token_labels(data))
+    items = [LabelledImageDataset(records[:4], vocabulary, processor.image_processor, token_grid=4)[i] for i in range(4)]
+    batch = collate_bags(items)
+    head.token_loss_weight, head.label_weights = 0.5, weights
+    with torch.no_grad():
+        tokens = head.token_logits(batch["pixel_values"])  # (4, 16, 3)
+        pooled = torch.logsumexp(tokens, dim=1) - np.log(16)
+        terms = torch.nn.functional.binary_cross_entropy_with_logits  # elementwise below
+        pooled_terms = terms(pooled, batch["labels"], reduction="none") * weights  # (4, 3)
+        token_terms = terms(tokens, batch["token_targets"], reduction="none") * weights  # (4, 16, 3)
+        expected = pooled_terms.mean() + 0.5 * token_terms.mean()
+        torch.testing.assert_close(head(**batch)["loss"], expected, atol=1e-6, rtol=1e-6)
+
+
 def test_vision_stage_with_token_targets_puts_the_evidence_in_the_square_s_tokens(tmp_path, make_recipe):
     data = with_token_labels(write_labelled_shapes(tmp_path / "shapes"))
     recipe = make_recipe(data, tmp_path / "run", mode="full", stage="vision", max_steps=24, save_steps=100,
@@ -246,3 +271,9 @@ def test_token_labels_are_checked_where_they_are_read(tmp_path, make_recipe):
     with pytest.raises(FinetuneError, match="vision_token_loss_weight -1.0 must be 0"):
         make_recipe(bad, tmp_path / "out", mode="full", stage="vision", gradient_checkpointing=False,
                     vision_token_loss_weight=-1.0)
+    for weights, message in (({"x": -1}, "map label-name prefixes to weights >= 0"), ([2.0], "must map label-name")):
+        with pytest.raises(FinetuneError, match=message):
+            make_recipe(bad, tmp_path / "out", mode="full", stage="vision", gradient_checkpointing=False,
+                        vision_label_weights=weights)
+    with pytest.raises(FinetuneError, match="apply to stage 'vision' only"):
+        make_recipe(bad, tmp_path / "out", mode="lora", stage="sft", vision_label_weights={"x": 2.0})

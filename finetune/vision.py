@@ -217,8 +217,9 @@ class VisionLabelHead(nn.Module):
         self.head = nn.Linear(vision_tower.config.hidden_size, n_labels)
         if label_weights is not None and tuple(label_weights.shape) != (n_labels,):
             raise ValueError(f"label_weights of shape {tuple(label_weights.shape)}, expected ({n_labels},)")
-        # (n_labels,) weight of each label's cross-entropy terms; a plain attribute, not saved with the head
-        self.label_weights = None if label_weights is None else label_weights.float()
+        # (n_labels,) weight of each label's cross-entropy terms; follows the head's device, not saved with it
+        self.register_buffer("label_weights", None if label_weights is None else label_weights.float(),
+                             persistent=False)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) -> pooled token features (n, pooled_grid**2, width)."""
@@ -249,13 +250,13 @@ class VisionLabelHead(nn.Module):
             logits = log_mean_exp(per_token, dim=1)  # (n, L)
         weights = self.label_weights
         loss = None if labels is None else nn.functional.binary_cross_entropy_with_logits(
-            logits, labels.float(), weight=None if weights is None else weights.to(logits.device))
+            logits, labels.float(), weight=weights)
         if loss is not None and token_mask is not None and bool(token_mask.any()) and self.token_loss_weight:
             if token_targets is None or token_targets.shape != per_token.shape:
                 raise ValueError(f"token targets of shape {None if token_targets is None else tuple(token_targets.shape)}"
                                  f" do not match the token logits {tuple(per_token.shape)} (single images only)")
             chosen = token_mask[:, None, :].expand_as(per_token)  # (n_images, t, L): the labels with targets
-            token_weights = None if weights is None else weights.to(per_token.device).expand_as(per_token)[chosen]
+            token_weights = None if weights is None else weights.expand_as(per_token)[chosen]
             token_loss = nn.functional.binary_cross_entropy_with_logits(
                 per_token[chosen], token_targets[chosen].float(), weight=token_weights)
             loss = loss + self.token_loss_weight * token_loss

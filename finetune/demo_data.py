@@ -25,8 +25,10 @@ and the held-out sets its model card is scored on:
   (a CT slice, a satellite tile, a NIAH needle or haystack image) with an answer only its pixels give,
   and ``vision_train.json``, the same images with the answers as label names (stage 1, the vision
   tower's pretraining, :func:`vision_records`); ``--vision-needles N`` adds N single needle images
-  (``niah_vision/``, :func:`vision_needle_records`) that only stage 1 sees (the shipped recipe uses 5,000:
-  model card, "How it got here" items 7 and 24); ``--no-scene-tokens`` leaves the tiles and NIAH images
+  (``niah_vision/``, :func:`vision_needle_records`) to stage 1's file (the shipped recipe uses 5,000:
+  model card, "How it got here" items 7 and 24) and writes them with their answers in words to
+  ``vision_needles_train.json``, which a stage 2 may list beside ``single_train.json`` for a needle-rich
+  warm-up (items 25-27); ``--no-scene-tokens`` leaves the tiles and NIAH images
   without per-token targets (:func:`add_scene_token_labels`); ``--slab-presence`` first asks each CT image
   the five presence questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped
   recipes: item 13).
@@ -65,10 +67,13 @@ NIAH_TRAIN_RECORDS = 1000
 NIAH_POOL_SIZE = 800
 NIAH_IMAGES_RANGE = (4, 48)
 NIAH_SIZE = 112
-# extra needle images (one each, no haystack) that only the vision stage sees: 5,000 in the shipped recipe.
+# extra needle images (one each, no haystack) for the vision stage: 5,000 in the shipped recipe.
 # With per-token targets (SCENE_TOKEN_TARGETS) and 1,300 stage-1 steps they raised stage 1's shape reading
 # from 0.28 to 0.61 of fresh needles (model card, "How it got here" items 7 and 24)
 NIAH_VISION_NEEDLES = 5000
+# stage 1's extra needles with their answers in words ("red square"), for a stage 2 that lists them beside
+# single_train.json (model card items 25-27)
+NEEDLE_ANSWERS_FILE = "vision_needles_train.json"
 NIAH_VISION_INDEX_BASE = 10_000_000  # haystack indices of those needles: far from the pool and the records'
 IMAGE_TAG = "<image>"
 SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
@@ -723,13 +728,16 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
-    (:func:`vision_needle_records`) shuffled in (seeded), and with ``token_grid`` each CT slab's per-token
+    (:func:`vision_needle_records`) shuffled in (seeded; the same needles with their answers in words go to
+    :data:`NEEDLE_ANSWERS_FILE`, empty without them), and with ``token_grid`` each CT slab's per-token
     targets on that grid (:func:`add_ct_token_labels`), with ``scene_tokens`` also each tile's and NIAH
     image's (:func:`add_scene_token_labels`). Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
+    needles = vision_needle_records(out_dir, vision_needles, seed) if vision_needles else []
+    (Path(out_dir) / NEEDLE_ANSWERS_FILE).write_text(json.dumps(needles, indent=1) + "\n")
     vision = records
-    if vision_needles:
-        vision = records + vision_needle_records(out_dir, vision_needles, seed)
+    if needles:
+        vision = records + needles
         vision = [vision[i] for i in np.random.default_rng([seed, 19]).permutation(len(vision))]
     vision = vision_records(vision)
     if token_grid:

@@ -16,6 +16,7 @@ from finetune.demo_data import (
     DEMO_BUILD,
     DEMO_RENDER,
     DEMO_TOKEN_GRID,
+    NEEDLE_ANSWERS_FILE,
     NEEDLE_QUESTION,
     SLICE_QUESTION,
     TILE_QUESTION,
@@ -351,7 +352,7 @@ def test_slab_presence_turns_ask_every_finding_and_agree_with_the_listing(tiny_b
     assert all(p == a for p, a in zip(plain, asked, strict=True) if not p["id"].startswith("ct"))
 
 
-def test_vision_needles_are_balanced_new_images_seen_only_by_the_vision_stage(tiny_build, tmp_path):
+def test_vision_needles_are_balanced_new_images_labelled_for_stage_1_and_answered_in_words(tiny_build, tmp_path):
     from PIL import Image
 
     from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES
@@ -373,6 +374,10 @@ def test_vision_needles_are_balanced_new_images_seen_only_by_the_vision_stage(ti
     assert sorted(r["id"] for r in extra) == [f"niah_vision_{k:05d}" for k in range(8)]
     assert all(r["labels"][0] == "niah needle" and len(r["labels"]) == 3 for r in extra)
     assert stage1.index(extra[0]) != 0 or stage1.index(extra[-1]) != len(stage1) - 1  # shuffled in
+    answered = json.loads((tiny_build / NEEDLE_ANSWERS_FILE).read_text())  # the same needles, answers in words
+    assert answered == vision_needle_records(tiny_build, 8)
+    plain = [{key: r[key] for key in ("id", "images", "labels")} for r in sorted(extra, key=lambda r: r["id"])]
+    assert vision_records(answered) == plain
 
 
 def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
@@ -384,6 +389,8 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
         "vision_train.json", "single_train.json", "ct_train_shuffled.json", "rs_train_shuffled.json", "niah_train.json",
         "polish_train.json")}
     assert len(files["vision_train.json"]) == len(files["single_train.json"]) + 2  # 500 x 0.004 needles
+    assert [r["id"] for r in json.loads((out / NEEDLE_ANSWERS_FILE).read_text())] == ["niah_vision_00000",
+                                                                                       "niah_vision_00001"]
     assert len(files["ct_train_shuffled.json"]) == 2 * 3 and len(files["niah_train.json"]) == 4
     # polish: 6 presence-only conversations twice, the 2 studies' first version and the 2 scenes' first two,
     # a follow-up version of each study and scene, 4 NIAH
@@ -394,6 +401,7 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
         write_polish_records(out, follow_up_sources=("niah_train.json",))
     records_only = ["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]
     assert main([*records_only, "--no-scene-tokens"]) == 0
+    assert json.loads((out / NEEDLE_ANSWERS_FILE).read_text()) == []  # no extra needles: none to answer
     assert _without_token_labels(out / "vision_train.json") == vision_records(files["single_train.json"])
     assert main(records_only) == 0  # the shipped recipe: tiles and NIAH images with token targets too
     assert _without_token_labels(out / "vision_train.json", scene_tokens=True) == vision_records(

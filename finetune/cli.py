@@ -59,7 +59,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="dataset file or folder for the task")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (finetune.evaluate.DEFAULT_MAX_NEW_TOKENS)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N items")
     parser.add_argument("--split", default=None, help="dataset split where the task has several")
     parser.add_argument("--render", default=None, metavar="YAML",

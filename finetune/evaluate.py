@@ -43,7 +43,12 @@ from finetune.data import (
 )
 
 REPORT_QUESTION = "Write the findings and impressions of this chest CT."
-DEFAULT_MAX_NEW_TOKENS = {"ct-rate": 160, "fit-rsfg": 24, "closed-vqa": 8, "niah": 8}
+# Generation caps per task: above the longest reference answer in the demo tokenizer's tokens (its 1,024
+# byte-level BPE spends up to 225 tokens on a synthetic report and 9 on "yellow triangle"; caps of 160 and
+# 8 cut such answers and scored them wrong; tests/finetune/test_evaluate.py checks it), and for CT-RATE
+# room for a real report of a few hundred words. Generation stops at the end-of-turn token, so a roomy
+# cap costs nothing on short answers.
+DEFAULT_MAX_NEW_TOKENS = {"ct-rate": 512, "fit-rsfg": 24, "closed-vqa": 8, "niah": 16}
 
 
 @dataclass

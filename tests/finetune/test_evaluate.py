@@ -9,6 +9,7 @@ import pytest
 
 from finetune import FinetuneError
 from finetune.evaluate import (
+    DEFAULT_MAX_NEW_TOKENS,
     closed_vqa_metrics,
     ct_rate_metrics,
     evaluate,
@@ -18,6 +19,28 @@ from finetune.evaluate import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_generation_caps_fit_the_longest_synthetic_answers_in_the_demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS, make_ct_phantom
+    from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES
+    from domain_data.synthetic.qa import ct_report_text
+    from longllava.loading import DEMO_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR)
+
+    def longest(answers) -> int:
+        return max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers)
+
+    needles = [f"{colour} {shape}" for colour in NEEDLE_COLOURS for shape in NEEDLE_SHAPES]
+    assert longest(needles) >= 9 > 8  # "yellow triangle": the old cap of 8 cut it
+    assert longest(needles) < DEFAULT_MAX_NEW_TOKENS["niah"]
+    # every finding, on both sides, slice numbers in the hundreds: the longest report the generator writes
+    everything = {name: {"side": "both"} for name in RENDERABLE_FINDINGS} | {"Lung nodule": {"count": 3}}
+    report = ct_report_text(make_ct_phantom(0, everything, n_slices=300, size=64))
+    assert 160 < longest([report]) < DEFAULT_MAX_NEW_TOKENS["ct-rate"]
 
 
 @pytest.fixture(scope="module")

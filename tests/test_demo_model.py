@@ -555,8 +555,8 @@ def test_demo_recipes_train_a_few_steps_in_four_stages(tiny_build, tmp_path):
     common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000"]
     base = None
     for name, files, extra in (("demo_vision", [tiny_build / "vision_train.json"], ["per_device_train_batch_size=4"]),
-                               ("demo_warmup", [single], ["per_device_train_batch_size=4",
-                                                          f"projector_init_head={tmp_path / 'demo_vision'}"]),
+                               ("demo_warmup", [single, tiny_build / NEEDLE_ANSWERS_FILE],
+                                ["per_device_train_batch_size=4", f"projector_init_head={tmp_path / 'demo_vision'}"]),
                                ("demo", whole, []), ("demo_polish", [polish], [])):
         overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}", *common, *extra]
         recipe = load_recipe(name, overrides + ([f"base_model={base}"] if base else []))

@@ -15,6 +15,9 @@ the way the recipes do (``--render``: sampled planes or ``window: slab``), runs 
 * cell level (slab renders of studies with a label map): each token's logit against whether the finding
   covers its cell of the pooled grid (:func:`finetune.demo_data.slab_token_labels`, what stage 1's token
   targets train): does the token that sees the finding carry it?
+* side (findings with ``ct <finding> left`` / ``right`` labels): for each study with the finding, the side
+  the head's two probabilities (max over the images) call against the true side (:func:`side_scores`), what
+  the side questions need.
 
 With a ``rs_test_scenes.jsonl`` beside the studies it also scores the first ``--limit`` held-out satellite
 scenes, tile by tile (:func:`probe_scenes`): per object kind the tile AUC of ``tile <objects> >= 1``, the
@@ -99,7 +102,27 @@ def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence
             scores[name]["study_auc_bag"] = auc_or_none(present, [p[column] for p in bag_probabilities])
         if cells is not None and label in cells[1]:
             scores[name]["cell_auc"] = auc_or_none(cells[1][label], cells[0][:, column])
+        if f"{label} left" in label_index and f"{label} right" in label_index:
+            scores[name] |= side_scores(name, study_truth, probabilities, label_index)
     return scores
+
+
+def head_side(left: float, right: float) -> str:
+    """The side a study's ``left`` / ``right`` label probabilities (max over its images) say: ``both`` when
+    both reach 0.5, else the larger one -- the answer set of the side questions."""
+    return "both" if min(left, right) >= 0.5 else "left" if left > right else "right"
+
+
+def side_scores(name: str, study_truth: Sequence[dict[str, Any]], probabilities: Sequence[np.ndarray],
+                label_index: dict[str, int]) -> dict[str, Any]:
+    """For the studies that have finding ``name`` with a side: how many, and how often :func:`head_side`
+    of the head's ``ct <name> left`` / ``right`` probabilities (max over the study's images) is that side:
+    what a side question needs from the tower."""
+    left, right = (label_index[f"ct {name.lower()} {side}"] for side in ("left", "right"))
+    calls = [(truth[name]["side"], head_side(p[:, left].max(), p[:, right].max()))
+             for truth, p in zip(study_truth, probabilities) if truth[name]["present"] and truth[name].get("side")]
+    return {"studies_with_side": len(calls),
+            "side_accuracy": sum(side == call for side, call in calls) / len(calls) if calls else None}
 
 
 def _cell_targets(study: dict[str, Any], data: Path, render: dict[str, Any], count: int,
@@ -364,9 +387,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"vision probe of {result['run']} on {result['studies']} studies of {result['data']} "
              f"(render {result['render']})"]
     lines += _table(("finding", "studies with", "images with", "image AUC", "study AUC (max)", "study AUC (mean)",
-                     "study AUC (bag)", "cell AUC"),
+                     "study AUC (bag)", "cell AUC", "side acc."),
                     [(name, s["studies_with"], s["images_with"], s["image_auc"], s["study_auc_max"],
-                      s["study_auc_mean"], s.get("study_auc_bag"), s.get("cell_auc")) for name, s in findings.items()])
+                      s["study_auc_mean"], s.get("study_auc_bag"), s.get("cell_auc"), s.get("side_accuracy"))
+                     for name, s in findings.items()])
     scenes = result.get("scenes")
     if scenes:
         lines += ["", f"{scenes['scenes']} scenes, {scenes['tiles']} tiles:"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finetune import FinetuneError
-from finetune.vision_probe import auc_or_none, finding_scores, main, needle_scores, object_scores
+from finetune.vision_probe import auc_or_none, finding_scores, head_side, main, needle_scores, object_scores
 
 LABELS = ["ct lung nodule", "ct cardiomegaly"]
 
@@ -84,6 +84,22 @@ def test_needle_scores_read_colour_and_shape_on_the_needle_images_only():
     assert bare == {"needles": 0, "haystacks": 1}
 
 
+
+def test_side_accuracy_calls_each_study_side_from_the_left_and_right_labels() -> None:
+    labels = ["ct lung nodule", "ct lung nodule left", "ct lung nodule right"]
+    sides = ["left", "right", "both", None]  # the last study has no nodule: no side to call
+    truths = [{"Lung nodule": {"present": side is not None, "side": side}} for side in sides]
+    answers = [["none", "none"]] * 4
+    # (images, labels): nodule, left, right; the side labels' maxima over the two images decide
+    probabilities = [np.array([[0.9, 0.8, 0.1], [0.1, 0.2, 0.3]]),   # left 0.8 > right 0.3: left (right call)
+                     np.array([[0.9, 0.1, 0.2], [0.1, 0.6, 0.4]]),   # left 0.6 > right 0.4: left (wrong call)
+                     np.array([[0.9, 0.7, 0.1], [0.1, 0.1, 0.5]]),   # both >= 0.5: both (right call)
+                     np.array([[0.0, 0.9, 0.9], [0.0, 0.0, 0.0]])]   # not counted
+    scores = finding_scores(answers, truths, probabilities, {label: i for i, label in enumerate(labels)})
+    assert scores["Lung nodule"]["studies_with_side"] == 3
+    assert scores["Lung nodule"]["side_accuracy"] == pytest.approx(2 / 3)
+    assert (head_side(0.5, 0.5), head_side(0.2, 0.4), head_side(0.9, 0.49)) == ("both", "right", "left")
+
 def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) -> None:
     from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS
     from finetune.demo_data import build_heldout_subset
@@ -94,7 +110,7 @@ def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) 
     build_heldout_subset(data, n_ct=3, n_rs=1)
     save_random_model("tiny", run / "model", seed=0)
     model, _ = load_model(run / "model")
-    labels = [f"ct {name.lower()}" for name in RENDERABLE_FINDINGS] + [
+    labels = [f"ct {name.lower()}" for name in RENDERABLE_FINDINGS] + ["ct lung nodule left", "ct lung nodule right",
         "tile ships >= 1", "tile ships >= 2", "tile storage tanks >= 1", "tile buildings >= 1", "niah needle",
         "niah colour red", "niah colour green", "niah shape circle", "niah shape square"]
     save_head(vision_label_head(model, len(labels), seed=0), labels, run)
@@ -110,6 +126,12 @@ def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) 
         assert scores["images_with"] <= 4 * scores["studies_with"]  # only a study with it has such images
         for key in ("image_auc", "study_auc_max", "study_auc_mean", "study_auc_bag", "cell_auc"):
             assert scores[key] is None or 0.0 <= scores[key] <= 1.0
+        if name == "Lung nodule":  # the one finding this head has side labels for
+            sided = sum(study[name]["present"] and bool(study[name]["side"]) for study in studies)
+            assert scores["studies_with_side"] == sided
+            assert scores["side_accuracy"] is None if not sided else 0.0 <= scores["side_accuracy"] <= 1.0
+        else:
+            assert "side_accuracy" not in scores
     scene = json.loads((data / "rs_test_scenes.jsonl").read_text())["ground_truth"]
     assert result["scenes"]["scenes"] == 1
     assert result["scenes"]["tiles"] == scene["grid"]["rows"] * scene["grid"]["cols"]
@@ -123,6 +145,6 @@ def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) 
         assert 0.0 <= needles[key] <= 1.0
     table = capsys.readouterr().out
     assert "| objects | tiles with | tile AUC" in table and "6 needles and 6 haystack images" in table
-    assert "| finding | studies with" in table and "study AUC (bag) | cell AUC |" in table and "Cardiomegaly" in table
+    assert "| finding | studies with" in table and "study AUC (bag) | cell AUC | side acc. |" in table and "Cardiomegaly" in table
     with pytest.raises(FinetuneError, match="ct_test_studies.jsonl not found"):
         main(["--run", str(run), "--data", str(tmp_path / "nowhere")])

@@ -102,8 +102,7 @@ def finding_scores(study_answers: Sequence[Sequence[str]], study_truth: Sequence
             scores[name]["study_auc_bag"] = auc_or_none(present, [p[column] for p in bag_probabilities])
         if cells is not None and label in cells[1]:
             scores[name]["cell_auc"] = auc_or_none(cells[1][label], cells[0][:, column])
-        if f"{label} left" in label_index and f"{label} right" in label_index:
-            scores[name] |= side_scores(name, study_truth, probabilities, label_index)
+        scores[name] |= side_scores(name, study_truth, probabilities, label_index)
     return scores
 
 
@@ -117,8 +116,11 @@ def side_scores(name: str, study_truth: Sequence[dict[str, Any]], probabilities:
                 label_index: dict[str, int]) -> dict[str, Any]:
     """For the studies that have finding ``name`` with a side: how many, and how often :func:`head_side`
     of the head's ``ct <name> left`` / ``right`` probabilities (max over the study's images) is that side:
-    what a side question needs from the tower."""
-    left, right = (label_index[f"ct {name.lower()} {side}"] for side in ("left", "right"))
+    what a side question needs from the tower. Empty when the head has no side labels for it."""
+    labels = [f"ct {name.lower()} {side}" for side in ("left", "right")]
+    if not all(label in label_index for label in labels):
+        return {}
+    left, right = (label_index[label] for label in labels)
     calls = [(truth[name]["side"], head_side(p[:, left].max(), p[:, right].max()))
              for truth, p in zip(study_truth, probabilities) if truth[name]["present"] and truth[name].get("side")]
     return {"studies_with_side": len(calls),

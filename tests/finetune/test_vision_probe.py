@@ -84,7 +84,6 @@ def test_needle_scores_read_colour_and_shape_on_the_needle_images_only():
     assert bare == {"needles": 0, "haystacks": 1}
 
 
-
 def test_side_accuracy_calls_each_study_side_from_the_left_and_right_labels() -> None:
     labels = ["ct lung nodule", "ct lung nodule left", "ct lung nodule right"]
     sides = ["left", "right", "both", None]  # the last study has no nodule: no side to call
@@ -99,6 +98,7 @@ def test_side_accuracy_calls_each_study_side_from_the_left_and_right_labels() ->
     assert scores["Lung nodule"]["studies_with_side"] == 3
     assert scores["Lung nodule"]["side_accuracy"] == pytest.approx(2 / 3)
     assert (head_side(0.5, 0.5), head_side(0.2, 0.4), head_side(0.9, 0.49)) == ("both", "right", "left")
+
 
 def test_vision_probe_cli_scores_a_vision_run_on_slab_renders(tmp_path, capsys) -> None:
     from domain_data.synthetic.ct_phantom import RENDERABLE_FINDINGS

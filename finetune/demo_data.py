@@ -20,13 +20,13 @@ and the held-out sets its model card is scored on:
   (side, slices, row, column, tile) and the report last (:func:`question_order_group`), so no answer
   can be copied from an earlier turn. ``--follow-up-copies N`` adds N versions of each CT study with only
   those follow-up questions (:func:`follow_up_conversations`); the shipped recipe uses none (measured in
-  the model card, "How it got here" item 6).
+  the demo model's training history, ``longllava/checkpoints/demo/TRAINING_HISTORY.md``, item 6).
 * ``single_train.json`` (stage 2, :func:`write_single_image_records`): one image per record
   (a CT slice, a satellite tile, a NIAH needle or haystack image) with an answer only its pixels give,
   and ``vision_train.json``, the same images with the answers as label names (stage 1, the vision
   tower's pretraining, :func:`vision_records`); ``--vision-needles N`` adds N single needle images
   (``niah_vision/``, :func:`vision_needle_records`) to stage 1's file (the shipped recipe uses 5,000:
-  model card, "How it got here" items 7 and 24) and writes them with their answers in words to
+  training history, items 7 and 24) and writes them with their answers in words to
   ``vision_needles_train.json``, which a stage 2 may list beside ``single_train.json`` for a needle-rich
   warm-up (items 25-27); ``--no-scene-tokens`` leaves the tiles and NIAH images
   without per-token targets (:func:`add_scene_token_labels`); ``--slab-presence`` first asks each CT image
@@ -69,22 +69,22 @@ NIAH_IMAGES_RANGE = (4, 48)
 NIAH_SIZE = 112
 # extra needle images (one each, no haystack) for the vision stage: 5,000 in the shipped recipe.
 # With per-token targets (SCENE_TOKEN_TARGETS) and 1,300 stage-1 steps they raised stage 1's shape reading
-# from 0.28 to 0.61 of fresh needles (model card, "How it got here" items 7 and 24)
+# from 0.28 to 0.61 of fresh needles (training history, items 7 and 24)
 NIAH_VISION_NEEDLES = 5000
 # stage 1's extra needles with their answers in words ("red square"), for a stage 2 that lists them beside
-# single_train.json (model card items 25-27)
+# single_train.json (training history, items 25-27)
 NEEDLE_ANSWERS_FILE = "vision_needles_train.json"
 NIAH_VISION_INDEX_BASE = 10_000_000  # haystack indices of those needles: far from the pool and the records'
 IMAGE_TAG = "<image>"
 SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
 SHUFFLED_COPIES = 3
 # follow-up-only versions per CT study: none in the shipped recipe (with one, every presence answer
-# became "Yes" exactly for the cardiomegaly studies: model card, "How it got here" item 6)
+# became "Yes" exactly for the cardiomegaly studies: training history, item 6)
 FOLLOW_UP_COPIES = 0
 FOLLOW_UP_SOURCES = ("ct_train.json",)
 SLAB_PRESENCE = False  # stage 2: also ask the five presence questions about every CT image (measured, off)
 # how the demo recipes render CT studies (16 slabs of 160 px: MinIP / average / MIP of consecutive planes,
-# model card item 8) and scenes (336-px tiles, at most 16)
+# training history, item 8) and scenes (336-px tiles, at most 16)
 DEMO_RENDER: dict[str, int | str] = {"num_slices": 16, "size": 160, "window": "slab", "tile_size": 336,
                                      "max_tiles": 16}
 DEMO_CACHE_DIR = "build/demo_image_cache"
@@ -93,7 +93,7 @@ DEMO_CACHE_DIR = "build/demo_image_cache"
 DEMO_TOKEN_GRID = 5
 TOKEN_MIN_PIXELS = 4
 # ... and the same for satellite tiles (cells showing each object kind) and NIAH images (the needle's cells):
-# on in the shipped recipe (model card item 24)
+# on in the shipped recipe (training history, item 24)
 SCENE_TOKEN_TARGETS = True
 SLICE_QUESTION = "Which findings does this CT slice show? Answer the findings with their side, or none."
 TILE_QUESTION = "How many ships, storage tanks and buildings does this tile show? Answer with three numbers."
@@ -849,7 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"its findings (default {'on' if SLAB_PRESENCE else 'off'})")
     parser.add_argument("--scene-tokens", action=argparse.BooleanOptionalAction, default=SCENE_TOKEN_TARGETS,
                         help="vision_train.json also gives every tile and NIAH image per-token targets, not only "
-                        f"the CT slabs (default {'on' if SCENE_TOKEN_TARGETS else 'off'}; model card item 24)")
+                        f"the CT slabs (default {'on' if SCENE_TOKEN_TARGETS else 'off'}; training history, item 24)")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
     args = parser.parse_args(argv)

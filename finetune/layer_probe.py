@@ -6,7 +6,7 @@ over the study's image tokens and the answer position (the last prompt token). P
 per part it fits a logistic regression on the first ``--n-train`` training studies
 (``ct_train_studies.jsonl``) and reports its ROC AUC on the first ``--limit`` held-out studies
 (``ct_test_studies.jsonl``). Evidence present in the image tokens but not at the answer position is lost on
-the way (the demo model card's item 9: Mamba layers without memory); evidence at the answer position that
+the way (the demo model's training history, item 9: Mamba layers without memory); evidence at the answer position that
 the model's own Yes/No does not use (``python -m finetune.readout_probe``) is lost in the readout (item 10).
 Writes ``layer_probe.json`` into ``--out``.
 """

@@ -6,7 +6,7 @@ asks them) and records the margin ``logit(Yes) - logit(No)`` of the first answer
 reports the study-level ROC AUC of that margin and how often the greedy answer is "Yes"; and the
 **within-study AUC**: inside each study, how often a present finding's margin (less that finding's mean
 over the studies) beats an absent one's. A question-blind readout -- one abnormality score per study
-plus a bias per finding, the failure of items 6 and 8 of the demo model card -- ties every such pair
+plus a bias per finding, the failure of items 6 and 8 of the demo model's training history -- ties every such pair
 (0.5); a readout that reads the asked finding off the images ranks present findings above absent ones
 within the same study (1.0), whatever each study's overall offset.
 

@@ -28,7 +28,7 @@ stage trains on): the needle-vs-haystack AUC, colour and shape accuracy (the hea
 label), the needle's cell AUC. These bound what the language model can read off the tokens.
 
 Writes ``vision_probe.json`` and prints a table. This is the check to run after stage 1, before spending
-an hour on stages 2-3 (model card, "How it got here").
+an hour on stages 2-3 (longllava/checkpoints/demo/TRAINING_HISTORY.md).
 """
 
 from __future__ import annotations

@@ -817,15 +817,20 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     return manifest
 
 
-def build_heldout_subset(out_dir: str | Path, n_ct: int = 1, n_rs: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Only the first ``n_ct`` CT studies and ``n_rs`` scenes of the held-out sets (no training data).
+def build_heldout_subset(out_dir: str | Path, n_ct: int = 1, n_rs: int = 1, seed: int = 0,
+                         start: int = 0) -> dict[str, Any]:
+    """Only ``n_ct`` CT studies and ``n_rs`` scenes of the held-out sets (no training data), from item
+    ``start`` on.
 
-    Every study / scene is seeded by (seed, domain, split, index) alone, so these are exactly the first
-    items of the full build's ``ct_test.jsonl`` / ``rs_test_fitrsfg.jsonl``: what CI scores the bundled
-    model on, to compare with the predictions recorded in its model card."""
+    Every study / scene is seeded by (seed, domain, split, index) alone, so with ``start=0`` these are
+    exactly the first items of the full build's ``ct_test.jsonl`` / ``rs_test_fitrsfg.jsonl``: what CI
+    scores the bundled model on, to compare with the predictions recorded in its model card. With
+    ``start`` past the full build's 40, they are fresh held-out items no recipe choice has seen (training
+    history, item 31: ``start=40``)."""
     from domain_data.synthetic.build import build_synthetic_sets
 
-    options = dict(DEMO_BUILD, seed=seed, n_ct_train=0, n_rs_train=0, n_ct_test=n_ct, n_rs_test=n_rs)
+    options = dict(DEMO_BUILD, seed=seed, n_ct_train=0, n_rs_train=0, n_ct_test=n_ct, n_rs_test=n_rs,
+                   first_test_index=start)
     return build_synthetic_sets(out_dir, **options)
 
 

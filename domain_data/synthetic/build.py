@@ -83,6 +83,9 @@ class BuildConfig:
     n_ct_test: int = 20
     n_rs_train: int = 40
     n_rs_test: int = 20
+    # index of the first test study / scene: items are seeded by index alone, so a build starting at K
+    # holds exactly items K.. of a larger build (a fresh held-out set beside one already used)
+    first_test_index: int = 0
     ct_size: int = 128
     ct_slices: tuple[int, int] = (100, 160)
     ct_finding_probability: float = 0.5
@@ -112,10 +115,16 @@ def _dump_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def _item_indices(split: str, n: int, cfg: BuildConfig) -> range:
+    """The item indices a split builds: the test split starts at ``cfg.first_test_index``."""
+    first = cfg.first_test_index if split == "test" else 0
+    return range(first, first + n)
+
+
 # ----------------------------------------------------------------------------------------------- CT
 def _ct_split(out_dir: Path, split: str, n: int, cfg: BuildConfig) -> dict[str, list]:
     rows: dict[str, list] = {"records": [], "labels": [], "studies": []}
-    for i in range(n):
+    for i in _item_indices(split, n, cfg):
         study_seed = item_seed(cfg.seed, "ct", split, i)
         slices_rng = np.random.default_rng(study_seed)
         n_slices = int(slices_rng.integers(cfg.ct_slices[0], cfg.ct_slices[1] + 1))
@@ -169,7 +178,7 @@ def _labels_csv(rows: Sequence[Sequence[Any]]) -> str:
 # ----------------------------------------------------------------------------------------------- RS
 def _rs_split(out_dir: Path, split: str, n: int, cfg: BuildConfig) -> dict[str, list]:
     rows: dict[str, list] = {"records": [], "fitrsfg": [], "scenes": []}
-    for i in range(n):
+    for i in _item_indices(split, n, cfg):
         scene_seed = item_seed(cfg.seed, "rs", split, i)
         size_rng = np.random.default_rng([scene_seed, 1])
         height, width = cfg.rs_sizes[int(size_rng.integers(len(cfg.rs_sizes)))]
@@ -250,6 +259,8 @@ def _check(cfg: BuildConfig) -> None:
     counts = (cfg.n_ct_train, cfg.n_ct_test, cfg.n_rs_train, cfg.n_rs_test, cfg.n_niah)
     if min(counts) < 0:
         raise SyntheticDataError(f"set sizes must be >= 0, got {counts}")
+    if cfg.first_test_index < 0:
+        raise SyntheticDataError(f"first_test_index must be >= 0, got {cfg.first_test_index}")
     lo, hi = cfg.ct_slices
     if not 16 <= lo <= hi <= 1000:
         raise SyntheticDataError(f"ct_slices must be a range within 16-1000, got {cfg.ct_slices}")
@@ -270,7 +281,8 @@ def build_synthetic_sets(
 
     ``options`` are the other :class:`BuildConfig` fields (``ct_size``, ``ct_slices``, ``dicom_every``,
     ``ct_finding_probability``, ``ct_finding_params`` (see :func:`make_ct_phantom`), ``rs_sizes``,
-    ``tile_size``, ``rs_dtype``, ``rs_object_scale``, ``n_niah``, ``niah_images``, ``niah_size``).
+    ``tile_size``, ``rs_dtype``, ``rs_object_scale``, ``n_niah``, ``niah_images``, ``niah_size``,
+    ``first_test_index``).
     """
     unknown = set(options) - set(BuildConfig.__dataclass_fields__)
     if unknown:

@@ -65,6 +65,21 @@ def test_same_seed_byte_identical_text_and_identical_arrays(built, tmp_path):
     assert (tmp_path / "c/ct_test.jsonl").read_bytes() != (first / "ct_test.jsonl").read_bytes()
 
 
+def test_first_test_index_builds_the_later_items_of_a_larger_build(built, tmp_path):
+    """Items are seeded by index alone: test items from index 1 on are the larger build's items 1.. ."""
+    first, _ = built
+    options = dict(SMALL, n_ct_train=0, n_rs_train=0, n_ct_test=1, n_rs_test=1, n_niah=0)
+    manifest = build_synthetic_sets(tmp_path / "later", seed=5, first_test_index=1, **options)
+    assert manifest["config"]["first_test_index"] == 1
+    for name in ("ct_test.jsonl", "rs_test_fitrsfg.jsonl", "ct_test_studies.jsonl", "rs_test_scenes.jsonl"):
+        later = read_jsonl(tmp_path / "later" / name)
+        whole = read_jsonl(first / name)
+        assert later and later == [row for row in whole if "_0001" in json.dumps(row, sort_keys=True)], name
+    assert (tmp_path / "later/ct/test").is_dir() and not list((tmp_path / "later").rglob("*_0000*"))
+    with pytest.raises(SyntheticDataError, match="first_test_index"):
+        build_synthetic_sets(tmp_path / "bad", seed=5, first_test_index=-1, **options)
+
+
 def test_files_and_paths(built):
     out, manifest = built
     for name in manifest["files"]:

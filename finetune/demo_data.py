@@ -95,6 +95,10 @@ TOKEN_MIN_PIXELS = 4
 # ... and the same for satellite tiles (cells showing each object kind) and NIAH images (the needle's cells):
 # on in the shipped recipe (training history, item 24)
 SCENE_TOKEN_TARGETS = True
+# ... and each tile's object centres: ``tile <objects> centres >= k`` on the cells holding at least k centres of
+# that kind (k = 1, 2), so that a tile's tokens add up to its count (training history, item 32)
+TILE_CENTRE_TARGETS = False
+TILE_CENTRE_LEVELS = 2
 SLICE_QUESTION = "Which findings does this CT slice show? Answer the findings with their side, or none."
 TILE_QUESTION = "How many ships, storage tanks and buildings does this tile show? Answer with three numbers."
 NEEDLE_QUESTION = "Does this image show a bold coloured shape? Answer its colour and shape, or none."
@@ -662,6 +666,41 @@ def tile_token_labels(truth: dict[str, Any], row: int, col: int, canvas: int = i
     return labels
 
 
+def tile_centre_label_names(levels: int = TILE_CENTRE_LEVELS) -> list[str]:
+    """The per-cell count labels of a tile: ``tile <objects> centres >= k`` for every object kind and
+    k = 1..``levels``."""
+    from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
+
+    return [f"tile {PLURALS[kind]} centres >= {k}" for kind in OBJECT_KINDS for k in range(1, levels + 1)]
+
+
+def tile_centre_labels(truth: dict[str, Any], row: int, col: int, grid: int = DEMO_TOKEN_GRID,
+                       levels: int = TILE_CENTRE_LEVELS) -> dict[str, list[int]]:
+    """For the tile at 1-based (``row``, ``col``) of a scene (``truth``: its ``ground_truth``), every label
+    of :func:`tile_centre_label_names` -> the row-major cells of the ``grid`` x ``grid`` token grid that
+    hold at least k centres of that kind (cell edges as :func:`domain_data.token_cells.cell_pixel_counts`
+    draws them). Counting k = 1..``levels`` over every cell gives the tile's count (up to ``levels`` per
+    cell)."""
+    from domain_data.synthetic.satellite import OBJECT_KINDS
+
+    size, layout = int(truth["tile_size"]), truth["grid"]
+    if not (1 <= row <= layout["rows"] and 1 <= col <= layout["cols"]):
+        raise DemoDataError(f"tile (row {row}, column {col}) is outside the scene's {layout['rows']}x"
+                            f"{layout['cols']} grid")
+    origin_x, origin_y = (col - 1) * size - layout["pad_left"], (row - 1) * size - layout["pad_top"]
+    edges = np.linspace(0, size, grid + 1)[1:-1]  # inner cell edges, source pixels of the tile
+    per_cell = {kind: np.zeros(grid * grid, dtype=int) for kind in OBJECT_KINDS}
+    for item in truth["objects"]:
+        if list(item["tile"]) != [row, col]:
+            continue
+        cell_row = int(np.searchsorted(edges, item["cy"] - origin_y, side="right"))
+        cell_col = int(np.searchsorted(edges, item["cx"] - origin_x, side="right"))
+        per_cell[item["kind"]][cell_row * grid + cell_col] += 1
+    names = iter(tile_centre_label_names(levels))
+    return {next(names): np.flatnonzero(per_cell[kind] >= k).tolist()
+            for kind in OBJECT_KINDS for k in range(1, levels + 1)}
+
+
 def needle_token_label_names() -> list[str]:
     """The vision labels a NIAH image's token targets cover: ``niah needle`` and every colour and shape."""
     from domain_data.synthetic.niah import NEEDLE_COLOURS, NEEDLE_SHAPES
@@ -697,10 +736,12 @@ def needle_token_labels(image: np.ndarray, labels: Sequence[str], canvas: int = 
 
 def add_scene_token_labels(vision: Sequence[dict[str, Any]], out_dir: str | Path,
                            grid: int = DEMO_TOKEN_GRID, min_pixels: int = TOKEN_MIN_PIXELS,
-                           canvas: int = int(DEMO_RENDER["size"])) -> int:
+                           canvas: int = int(DEMO_RENDER["size"]), centres: bool = TILE_CENTRE_TARGETS) -> int:
     """Give every satellite tile record of :func:`vision_records` (id ``<scene>_tRC``) its ``token_labels``
-    (:func:`tile_token_labels`) and every NIAH image record (id ``niah_...``) its own (:func:`needle_token_labels`,
-    from the image), with ``token_grid``, in place. Returns how many records got them."""
+    (:func:`tile_token_labels`; with ``centres`` also :func:`tile_centre_labels`, each named in ``labels``
+    too where a cell has it) and every NIAH image record (id ``niah_...``) its own
+    (:func:`needle_token_labels`, from the image), with ``token_grid``, in place. Returns how many records
+    got them."""
     from PIL import Image
 
     scenes = {item["id"]: item["ground_truth"] for item in map(json.loads, _built_file(
@@ -710,6 +751,10 @@ def add_scene_token_labels(vision: Sequence[dict[str, Any]], out_dir: str | Path
         scene, _, tile = record["id"].rpartition("_t")
         if scene in scenes and len(tile) == 2 and tile.isdigit():
             labels = tile_token_labels(scenes[scene], int(tile[0]), int(tile[1]), canvas, grid, min_pixels)
+            if centres:
+                centre_cells = tile_centre_labels(scenes[scene], int(tile[0]), int(tile[1]), grid)
+                labels.update(centre_cells)
+                record["labels"] = list(record["labels"]) + [name for name, cells in centre_cells.items() if cells]
         elif record["id"].startswith("niah_"):
             with Image.open(record["images"][0]) as image:
                 labels = needle_token_labels(np.asarray(image.convert("RGB")), record["labels"], canvas, grid,
@@ -724,14 +769,16 @@ def add_scene_token_labels(vision: Sequence[dict[str, Any]], out_dir: str | Path
 def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
                                vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
                                slab_presence: bool = SLAB_PRESENCE, token_grid: int | None = DEMO_TOKEN_GRID,
-                               scene_tokens: bool = SCENE_TOKEN_TARGETS) -> Path:
+                               scene_tokens: bool = SCENE_TOKEN_TARGETS,
+                               centre_tokens: bool = TILE_CENTRE_TARGETS) -> Path:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
     (:func:`vision_needle_records`) shuffled in (seeded; the same needles with their answers in words go to
     :data:`NEEDLE_ANSWERS_FILE`, empty without them), and with ``token_grid`` each CT slab's per-token
     targets on that grid (:func:`add_ct_token_labels`), with ``scene_tokens`` also each tile's and NIAH
-    image's (:func:`add_scene_token_labels`). Returns the first."""
+    image's (:func:`add_scene_token_labels`; with ``centre_tokens`` each tile's object centres as well).
+    Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
     needles = vision_needle_records(out_dir, vision_needles, seed) if vision_needles else []
     (Path(out_dir) / NEEDLE_ANSWERS_FILE).write_text(json.dumps(needles, indent=1) + "\n")
@@ -744,7 +791,7 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
         render = dict(DEMO_RENDER if render is None else render)
         add_ct_token_labels(vision, out_dir, render, token_grid)
         if scene_tokens:
-            add_scene_token_labels(vision, out_dir, token_grid, canvas=int(render["size"]))
+            add_scene_token_labels(vision, out_dir, token_grid, canvas=int(render["size"]), centres=centre_tokens)
     (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision, indent=1) + "\n")
     target = Path(out_dir) / "single_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")
@@ -799,7 +846,8 @@ def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, p
 def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                     cache_dir: str | Path = DEMO_CACHE_DIR, follow_up_copies: int = FOLLOW_UP_COPIES,
                     vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
-                    slab_presence: bool = SLAB_PRESENCE, scene_tokens: bool = SCENE_TOKEN_TARGETS) -> dict[str, Any]:
+                    slab_presence: bool = SLAB_PRESENCE, scene_tokens: bool = SCENE_TOKEN_TARGETS,
+                    centre_tokens: bool = TILE_CENTRE_TARGETS) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
     both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
@@ -813,7 +861,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
     write_polish_records(out_dir, seed)
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence,
-                               scene_tokens=scene_tokens)
+                               scene_tokens=scene_tokens, centre_tokens=centre_tokens)
     return manifest
 
 
@@ -855,6 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scene-tokens", action=argparse.BooleanOptionalAction, default=SCENE_TOKEN_TARGETS,
                         help="vision_train.json also gives every tile and NIAH image per-token targets, not only "
                         f"the CT slabs (default {'on' if SCENE_TOKEN_TARGETS else 'off'}; training history, item 24)")
+    parser.add_argument("--centre-tokens", action=argparse.BooleanOptionalAction, default=TILE_CENTRE_TARGETS,
+                        help="with --scene-tokens, every tile's cells also name the object centres they hold "
+                        "(tile <objects> centres >= 1, >= 2), so the tokens add up to the tile's count (default "
+                        f"{'on' if TILE_CENTRE_TARGETS else 'off'}; training history, item 32)")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
     args = parser.parse_args(argv)
@@ -863,12 +915,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
             write_polish_records(args.out, args.seed),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
-                                       args.slab_presence, scene_tokens=args.scene_tokens)]
+                                       args.slab_presence, scene_tokens=args.scene_tokens,
+                                       centre_tokens=args.centre_tokens)]
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
     manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
-                               args.vision_needles, render, args.slab_presence, args.scene_tokens)
+                               args.vision_needles, render, args.slab_presence, args.scene_tokens,
+                               args.centre_tokens)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

@@ -248,8 +248,20 @@ def probe_ct(run: str | Path | ProbedHead, data: str | Path, render: dict[str, A
             "findings": finding_scores(answers, truths, probabilities, label_index, bags, cells)}
 
 
+def centre_counts(token_logits: np.ndarray, label_index: dict[str, int], plural: str) -> np.ndarray | None:
+    """``(tiles, t, L)`` token logits -> ``(tiles,)`` counts of one object kind read off its per-cell centre
+    labels (``tile <plural> centres >= k``): over every cell, how many of its k levels pass 0.5. None when
+    the head has no such labels."""
+    columns = [label_index[f"tile {plural} centres >= {k}"] for k in range(1, 100)
+               if f"tile {plural} centres >= {k}" in label_index]
+    if not columns:
+        return None
+    return (token_logits[..., columns] > 0).sum(axis=(1, 2))  # logit > 0: probability > 0.5
+
+
 def object_scores(counts: Sequence[np.ndarray], probabilities: Sequence[np.ndarray], label_index: dict[str, int],
-                  cells: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> dict[str, dict[str, Any]]:
+                  cells: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
+                  token_logits: Sequence[np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Per object kind, from each scene's ``(tiles, kinds)`` true counts (kinds in
     ``domain_data.synthetic.satellite.OBJECT_KINDS`` order) and ``(tiles, L)`` head probabilities:
 
@@ -260,7 +272,10 @@ def object_scores(counts: Sequence[np.ndarray], probabilities: Sequence[np.ndarr
     * ``best_tile_accuracy``: over the scenes with the kind, whether the tile with the highest ``>= 1``
       probability holds it;
     * ``cell_auc`` (with ``cells``, as :func:`_cells` gives them): each token's ``>= 1`` logit against
-      whether the kind covers its cell."""
+      whether the kind covers its cell;
+    * ``tile_count_accuracy_centres`` / ``scene_count_accuracy_centres`` (with each scene's ``(tiles, t, L)``
+      ``token_logits`` and a head with per-cell centre labels): the same counts read by
+      :func:`centre_counts`."""
     from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
 
     scores = {}
@@ -282,6 +297,13 @@ def object_scores(counts: Sequence[np.ndarray], probabilities: Sequence[np.ndarr
             "scene_count_accuracy": float(np.mean([r.sum() == c[:, j].sum() for r, c in zip(read, counts, strict=True)])),
             "best_tile_accuracy": float(np.mean(best)) if best else None,
         }
+        from_centres = None if token_logits is None else [centre_counts(t, label_index, PLURALS[kind])
+                                                          for t in token_logits]
+        if from_centres and from_centres[0] is not None:
+            scores[kind]["tile_count_accuracy_centres"] = float(np.mean(np.concatenate(from_centres) == np.concatenate(
+                [c[:, j] for c in counts])))
+            scores[kind]["scene_count_accuracy_centres"] = float(np.mean(
+                [r.sum() == c[:, j].sum() for r, c in zip(from_centres, counts, strict=True)]))
         label = f"tile {PLURALS[kind]} >= 1"
         if cells is not None and label in cells[1]:
             scores[kind]["cell_auc"] = auc_or_none(cells[1][label], cells[0][:, label_index[label]])
@@ -323,7 +345,7 @@ def probe_scenes(run: str | Path | ProbedHead, data: str | Path, render: dict[st
         targets += [tile_token_labels(truth, row, col, probed.canvas, grid) for row, col in places]
     cells = _cells(token_logits, targets, grid, probed.label_index)
     return {"scenes": len(lines), "tiles": int(sum(len(c) for c in counts)),
-            "objects": object_scores(counts, probabilities, probed.label_index, cells)}
+            "objects": object_scores(counts, probabilities, probed.label_index, cells, token_logits)}
 
 
 def needle_scores(colours: Sequence[str | None], shapes: Sequence[str | None], probabilities: np.ndarray,
@@ -397,9 +419,10 @@ def format_table(result: dict[str, Any]) -> str:
     if scenes:
         lines += ["", f"{scenes['scenes']} scenes, {scenes['tiles']} tiles:"]
         lines += _table(("objects", "tiles with", "tile AUC", "cell AUC", "tile count acc.", "scene count acc.",
-                         "best tile acc."),
+                         "best tile acc.", "tile count acc. (centres)", "scene count acc. (centres)"),
                         [(kind, s["tiles_with"], s["tile_auc"], s.get("cell_auc"), s["tile_count_accuracy"],
-                          s["scene_count_accuracy"], s["best_tile_accuracy"]) for kind, s in scenes["objects"].items()])
+                          s["scene_count_accuracy"], s["best_tile_accuracy"], s.get("tile_count_accuracy_centres"),
+                          s.get("scene_count_accuracy_centres")) for kind, s in scenes["objects"].items()])
     needles = result.get("needles")
     if needles:
         lines += ["", f"{needles['needles']} needles and {needles['haystacks']} haystack images (seed {needles['seed']}):"]

@@ -40,7 +40,10 @@ from finetune.demo_data import (
     slice_findings_answer,
     split_per_question,
     study_bag_records,
+    tile_centre_label_names,
+    tile_centre_labels,
     tile_counts_answer,
+    tile_object_counts,
     tile_token_label_names,
     tile_token_labels,
     vision_needle_records,
@@ -493,12 +496,44 @@ def test_scene_token_labels_mark_each_object_kind_s_cells_and_the_needle_s(tiny_
     expected = np.flatnonzero(cell_pixel_counts(shape, 5) * (160 / 112) ** 2 >= 4).tolist()
     got = needle_token_labels(image, ["niah needle", "niah colour red", "niah shape cross"])
     assert got["niah needle"] == got["niah colour red"] == got["niah shape cross"] == expected
+
     assert not got["niah colour blue"] and not got["niah shape circle"]
     assert needle_token_labels(haystack_image(3, 9, 112), []) == {name: [] for name in needle_token_label_names()}
     with pytest.raises(DemoDataError, match="no pixel of the needle's colour blue"):
         needle_token_labels(image, ["niah needle", "niah colour blue", "niah shape cross"])
     saved = np.asarray(Image.open(needles[-1]["images"][0]).convert("RGB"))
     assert needle_token_labels(saved, needles[-1]["labels"]) == needles[-1]["token_labels"]
+
+
+def test_tile_centre_labels_put_each_object_in_the_cell_of_its_centre_once(tiny_build, tmp_path):
+    from domain_data.synthetic.satellite import PLURALS
+
+    # a padded 2 x 2 grid of 336-px tiles (cells of 67.2 px); source x = tile x - pad_left + (col - 1) * 336
+    truth = {"tile_size": 336, "grid": {"rows": 2, "cols": 2, "pad_left": 10, "pad_top": 20}, "objects": [
+        {"kind": "ship", "tile": [1, 2], "cx": 336 - 10 + 70, "cy": 0 - 20 + 10},      # cell (0, 1)
+        {"kind": "ship", "tile": [1, 2], "cx": 336 - 10 + 100, "cy": 0 - 20 + 60},     # cell (0, 1) again
+        {"kind": "building", "tile": [2, 1], "cx": -10 + 335, "cy": 336 - 20 + 200},  # cell (2, 4)
+        {"kind": "ship", "tile": [2, 2], "cx": 500, "cy": 500}]}                      # another tile
+    labels = tile_centre_labels(truth, 1, 2)
+    assert list(labels) == tile_centre_label_names() and len(labels) == 6
+    assert labels["tile ships centres >= 1"] == labels["tile ships centres >= 2"] == [1]
+    assert all(not cells for name, cells in labels.items() if not name.startswith("tile ships"))
+    assert tile_centre_labels(truth, 2, 1)["tile buildings centres >= 1"] == [2 * 5 + 4]
+    with pytest.raises(DemoDataError, match="outside"):
+        tile_centre_labels(truth, 3, 1)
+    # on a built scene the cells add up to every tile's count, and the records name the labels the cells show
+    scene = json.loads((tiny_build / "rs_train_scenes.jsonl").read_text().splitlines()[0])["ground_truth"]
+    for row in range(1, scene["grid"]["rows"] + 1):
+        for col in range(1, scene["grid"]["cols"] + 1):
+            got = tile_centre_labels(scene, row, col)
+            for kind, count in zip(("ship", "storage tank", "building"), tile_object_counts(scene["objects"], row, col),
+                                   strict=True):
+                assert sum(len(got[f"tile {PLURALS[kind]} centres >= {k}"]) for k in (1, 2)) == count  # none has 3 / cell
+    vision = [r for r in vision_records(single_image_records(tiny_build, tmp_path / "cache")) if r["id"].startswith("rs_")]
+    add_scene_token_labels(vision, tiny_build, centres=True)
+    for record in vision:
+        shown = {name for name, cells in record["token_labels"].items() if cells and "centres" in name}
+        assert shown == {name for name in record["labels"] if "centres" in name}, record["id"]
 
 
 def test_vision_records_turn_every_answer_into_label_names():

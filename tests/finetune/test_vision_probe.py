@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from finetune import FinetuneError
-from finetune.vision_probe import auc_or_none, finding_scores, head_side, main, needle_scores, object_scores
+from finetune.vision_probe import (
+    auc_or_none,
+    centre_counts,
+    finding_scores,
+    head_side,
+    main,
+    needle_scores,
+    object_scores,
+)
 
 LABELS = ["ct lung nodule", "ct cardiomegaly"]
 
@@ -68,6 +76,22 @@ def test_object_scores_read_tiles_counts_and_the_best_tile():
     logits[:, 0] = [3.0, -1.0, 2.0, 0.0]
     cells = (logits, {"tile ships >= 1": np.array([True, False, False, False])})
     assert object_scores(counts, probabilities, index, cells)["ship"]["cell_auc"] == pytest.approx(1.0)
+
+
+def test_centre_counts_add_up_each_tile_s_centre_cells():
+    labels = ["tile ships >= 1", "tile ships centres >= 1", "tile ships centres >= 2"]
+    index = {label: i for i, label in enumerate(labels)}
+    logits = np.full((2, 4, 3), -3.0)  # two tiles of four tokens
+    logits[0, 1, 1] = logits[0, 3, 1] = logits[0, 3, 2] = 2.0  # tile 1: one centre, and two in another cell
+    logits[1, 0, 2] = 1.0  # ">= 2" without ">= 1" still adds one: the levels are read as they stand
+    assert centre_counts(logits, index, "ships").tolist() == [3, 1]
+    assert centre_counts(logits, index, "buildings") is None
+    counts = [np.array([[3, 0, 0], [0, 0, 0]])]
+    probabilities = [np.array([[0.9, 0.9, 0.9], [0.2, 0.6, 0.6]])]
+    ships = object_scores(counts, probabilities, index, token_logits=[logits])["ship"]
+    assert ships["tile_count_accuracy_centres"] == pytest.approx(0.5)  # 3 right, 1 for 0 wrong
+    assert ships["scene_count_accuracy_centres"] == pytest.approx(0.0)  # 4 for 3
+    assert "tile_count_accuracy_centres" not in object_scores(counts, probabilities, index)["ship"]
 
 
 def test_needle_scores_read_colour_and_shape_on_the_needle_images_only():

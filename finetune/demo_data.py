@@ -75,6 +75,13 @@ NIAH_VISION_NEEDLES = 5000
 # single_train.json (training history, items 25-27)
 NEEDLE_ANSWERS_FILE = "vision_needles_train.json"
 NIAH_VISION_INDEX_BASE = 10_000_000  # haystack indices of those needles: far from the pool and the records'
+# extra satellite tiles (each scene 2 x 2 tiles of 336 px, drawn like the build's: 0-5 objects of each kind
+# clustered in one tile) for the vision stage: none in the shipped recipe (training history, item 32)
+VISION_TILE_SCENES = 0
+VISION_TILE_SIDE = 672
+VISION_TILE_SEED_BASE = 3_000_000_000  # scene seeds far from the build's item seeds and the NIAH pools'
+VISION_TILES_FILE = "vision_tiles_train.json"
+VISION_TILE_SCENES_FILE = "rs_vision_scenes.jsonl"
 IMAGE_TAG = "<image>"
 SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
 SHUFFLED_COPIES = 3
@@ -571,6 +578,41 @@ def vision_needle_records(out_dir: str | Path, n_needles: int = NIAH_VISION_NEED
     return records
 
 
+def vision_tile_records(out_dir: str | Path, n_scenes: int = VISION_TILE_SCENES, seed: int = 0,
+                        side: int = VISION_TILE_SIDE) -> list[dict[str, Any]]:
+    """The tiles of ``n_scenes`` extra ``side`` x ``side`` scenes (written to ``rs_vision/rsv_KKKKK_tRC.png``,
+    ground truths to :data:`VISION_TILE_SCENES_FILE`) as :func:`single_image_records`-style tile records
+    ("ships 2, storage tanks 0, buildings 0"), ids ``rsv_KKKKK_tRC`` (:func:`add_scene_token_labels` gives
+    them their token targets). Each scene is drawn as the build draws its scenes (``make_scene``, the demo
+    build's object scale, uint8), seeded from :data:`VISION_TILE_SEED_BASE` + ``seed`` * ``n_scenes`` + k,
+    and its tiles are its pixels cut on the tile grid: what the renderer gives for an unpadded uint8 scene."""
+    from PIL import Image
+
+    from domain_data.synthetic.satellite import make_scene
+
+    out = Path(out_dir).resolve()
+    (out / "rs_vision").mkdir(parents=True, exist_ok=True)
+    tile_size = int(DEMO_RENDER["tile_size"])
+    if side % tile_size:
+        raise DemoDataError(f"vision tile scenes of {side} px do not split into whole {tile_size}-px tiles")
+    records, truths = [], []
+    for k in tqdm(range(n_scenes), desc="vision tiles", unit="scene", disable=n_scenes < 100):
+        scene_id = f"rsv_{k:05d}"
+        scene = make_scene(VISION_TILE_SEED_BASE + seed * n_scenes + k, side, side, tile_size=tile_size,
+                           object_scale=float(DEMO_BUILD["rs_object_scale"]))
+        truth = scene.ground_truth()
+        truths.append(json.dumps({"id": scene_id, "ground_truth": truth}))
+        for row in range(1, side // tile_size + 1):
+            for col in range(1, side // tile_size + 1):
+                pixels = scene.image[(row - 1) * tile_size: row * tile_size, (col - 1) * tile_size: col * tile_size]
+                path = out / f"rs_vision/{scene_id}_t{row}{col}.png"
+                Image.fromarray(pixels).save(path)
+                records.append(_single(f"{scene_id}_t{row}{col}", path, TILE_QUESTION,
+                                       tile_counts_answer(truth["objects"], row, col)))
+    (out / VISION_TILE_SCENES_FILE).write_text("".join(line + "\n" for line in truths))
+    return records
+
+
 def ct_token_label_names() -> list[str]:
     """The vision labels a CT slab's token targets cover: ``ct <finding>`` for every rendered finding and
     ``ct <finding> left|right`` for those with a side (the names :func:`vision_records` gives)."""
@@ -746,6 +788,9 @@ def add_scene_token_labels(vision: Sequence[dict[str, Any]], out_dir: str | Path
 
     scenes = {item["id"]: item["ground_truth"] for item in map(json.loads, _built_file(
         Path(out_dir), "rs_train_scenes.jsonl").read_text().splitlines())}
+    extra = Path(out_dir) / VISION_TILE_SCENES_FILE  # :func:`vision_tile_records`' scenes
+    if extra.is_file():
+        scenes.update((item["id"], item["ground_truth"]) for item in map(json.loads, extra.read_text().splitlines()))
     done = 0
     for record in tqdm(vision, desc="scene token labels", unit="image", disable=len(vision) < 1000):
         scene, _, tile = record["id"].rpartition("_t")
@@ -770,21 +815,28 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
                                vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
                                slab_presence: bool = SLAB_PRESENCE, token_grid: int | None = DEMO_TOKEN_GRID,
                                scene_tokens: bool = SCENE_TOKEN_TARGETS,
-                               centre_tokens: bool = TILE_CENTRE_TARGETS) -> Path:
+                               centre_tokens: bool = TILE_CENTRE_TARGETS,
+                               vision_tile_scenes: int = VISION_TILE_SCENES) -> Path:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
-    (:func:`vision_needle_records`) shuffled in (seeded; the same needles with their answers in words go to
-    :data:`NEEDLE_ANSWERS_FILE`, empty without them), and with ``token_grid`` each CT slab's per-token
+    (:func:`vision_needle_records`) and the tiles of ``vision_tile_scenes`` extra scenes
+    (:func:`vision_tile_records`) shuffled in (seeded; the same needles and tiles with their answers in
+    words go to :data:`NEEDLE_ANSWERS_FILE` and :data:`VISION_TILES_FILE`, empty without them), and with
+    ``token_grid`` each CT slab's per-token
     targets on that grid (:func:`add_ct_token_labels`), with ``scene_tokens`` also each tile's and NIAH
     image's (:func:`add_scene_token_labels`; with ``centre_tokens`` each tile's object centres as well).
     Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
     needles = vision_needle_records(out_dir, vision_needles, seed) if vision_needles else []
     (Path(out_dir) / NEEDLE_ANSWERS_FILE).write_text(json.dumps(needles, indent=1) + "\n")
+    tiles = vision_tile_records(out_dir, vision_tile_scenes, seed) if vision_tile_scenes else []
+    if not tiles:
+        (Path(out_dir) / VISION_TILE_SCENES_FILE).unlink(missing_ok=True)
+    (Path(out_dir) / VISION_TILES_FILE).write_text(json.dumps(tiles, indent=1) + "\n")
     vision = records
-    if needles:
-        vision = records + needles
+    if needles or tiles:
+        vision = records + needles + tiles
         vision = [vision[i] for i in np.random.default_rng([seed, 19]).permutation(len(vision))]
     vision = vision_records(vision)
     if token_grid:
@@ -847,7 +899,8 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                     cache_dir: str | Path = DEMO_CACHE_DIR, follow_up_copies: int = FOLLOW_UP_COPIES,
                     vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
                     slab_presence: bool = SLAB_PRESENCE, scene_tokens: bool = SCENE_TOKEN_TARGETS,
-                    centre_tokens: bool = TILE_CENTRE_TARGETS) -> dict[str, Any]:
+                    centre_tokens: bool = TILE_CENTRE_TARGETS,
+                    vision_tile_scenes: int = VISION_TILE_SCENES) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
     both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
@@ -861,7 +914,8 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
     write_polish_records(out_dir, seed)
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence,
-                               scene_tokens=scene_tokens, centre_tokens=centre_tokens)
+                               scene_tokens=scene_tokens, centre_tokens=centre_tokens,
+                               vision_tile_scenes=round(vision_tile_scenes * scale))
     return manifest
 
 
@@ -903,6 +957,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scene-tokens", action=argparse.BooleanOptionalAction, default=SCENE_TOKEN_TARGETS,
                         help="vision_train.json also gives every tile and NIAH image per-token targets, not only "
                         f"the CT slabs (default {'on' if SCENE_TOKEN_TARGETS else 'off'}; training history, item 24)")
+    parser.add_argument("--vision-tile-scenes", type=int, default=VISION_TILE_SCENES,
+                        help=f"extra {VISION_TILE_SIDE}-px scenes whose tiles only stage 1 sees, with token targets "
+                        f"(default {VISION_TILE_SCENES}; training history, item 32)")
     parser.add_argument("--centre-tokens", action=argparse.BooleanOptionalAction, default=TILE_CENTRE_TARGETS,
                         help="with --scene-tokens, every tile's cells also name the object centres they hold "
                         "(tile <objects> centres >= 1, >= 2), so the tokens add up to the tile's count (default "
@@ -916,13 +973,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_polish_records(args.out, args.seed),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence, scene_tokens=args.scene_tokens,
-                                       centre_tokens=args.centre_tokens)]
+                                       centre_tokens=args.centre_tokens,
+                                       vision_tile_scenes=args.vision_tile_scenes)]
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
     manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
                                args.vision_needles, render, args.slab_presence, args.scene_tokens,
-                               args.centre_tokens)
+                               args.centre_tokens, args.vision_tile_scenes)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

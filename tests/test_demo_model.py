@@ -20,6 +20,8 @@ from finetune.demo_data import (
     NEEDLE_QUESTION,
     SLICE_QUESTION,
     TILE_QUESTION,
+    VISION_TILE_SCENES_FILE,
+    VISION_TILE_SEED_BASE,
     DemoDataError,
     add_ct_token_labels,
     add_scene_token_labels,
@@ -48,6 +50,7 @@ from finetune.demo_data import (
     tile_token_labels,
     vision_needle_records,
     vision_records,
+    vision_tile_records,
     write_polish_records,
     write_shuffled_records,
     write_single_image_records,
@@ -534,6 +537,27 @@ def test_tile_centre_labels_put_each_object_in_the_cell_of_its_centre_once(tiny_
     for record in vision:
         shown = {name for name, cells in record["token_labels"].items() if cells and "centres" in name}
         assert shown == {name for name in record["labels"] if "centres" in name}, record["id"]
+
+
+def test_vision_tile_records_cut_extra_scenes_into_labelled_tiles(tiny_build, tmp_path):
+    from PIL import Image
+
+    from domain_data.synthetic.satellite import make_scene
+
+    tiles = vision_tile_records(tiny_build, 3, seed=0)
+    assert [t["id"] for t in tiles[:4]] == [f"rsv_00000_t{r}{c}" for r in (1, 2) for c in (1, 2)] and len(tiles) == 12
+    truths = [json.loads(line) for line in (tiny_build / VISION_TILE_SCENES_FILE).read_text().splitlines()]
+    scene = make_scene(VISION_TILE_SEED_BASE + 2, 672, 672, object_scale=DEMO_BUILD["rs_object_scale"])
+    assert truths[2]["ground_truth"] == scene.ground_truth()
+    assert np.array_equal(np.asarray(Image.open(tiles[-1]["images"][0])), scene.image[336:, 336:])  # row 2, col 2
+    assert tiles[-1]["conversations"][1]["value"] == tile_counts_answer(scene.ground_truth()["objects"], 2, 2)
+    vision = vision_records(tiles)
+    assert add_scene_token_labels(vision, tiny_build) == 12  # their scenes' ground truth gives the token targets
+    shown = [{n for n, cells in r["token_labels"].items() if cells} for r in vision]
+    assert all(names == {n for n in r["labels"] if n.endswith(">= 1")} for names, r in zip(shown, vision, strict=True))
+    assert sum(len(r["labels"]) for r in vision) == sum(sum(t["ground_truth"]["counts"].values()) for t in truths)
+    with pytest.raises(DemoDataError, match="whole 336-px tiles"):
+        vision_tile_records(tmp_path, 1, side=700)
 
 
 def test_vision_records_turn_every_answer_into_label_names():

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.vision_probe import SCENES_FILE, write_probe_result
+from finetune.vision_probe import SCENES_FILE, _cell, _table, write_probe_result
 
 RESULT_FILE = "tile_probe.json"
 
@@ -107,18 +107,13 @@ def probe_tiles(model_dir: str | Path, data: str | Path, render: dict[str, Any],
 
 
 def format_table(result: dict[str, Any]) -> str:
-    def cell(value: Any) -> str:
-        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
     lines = [f"tile probe of {result['model']} on {result['scenes']} scenes of {result['data']}: "
-             f"{result['tiles']} tiles, exact {cell(result['exact'])}; empty {result['empty_tiles']} "
-             f"(exact {cell(result['empty_exact'])}), non-empty {result['non_empty_tiles']} "
-             f"(exact {cell(result['non_empty_exact'])})",
-             "| objects | tiles with | exact count | named | mean abs. error | named where absent |",
-             "|---|---|---|---|---|---|"]
-    for kind, s in result["kinds"].items():
-        lines.append(f"| {kind} | {s['tiles_with']} | {cell(s['exact'])} | {cell(s['named'])} | "
-                     f"{cell(s['mean_abs_error'])} | {s['named_where_absent']} |")
+             f"{result['tiles']} tiles, exact {_cell(result['exact'])}; empty {result['empty_tiles']} "
+             f"(exact {_cell(result['empty_exact'])}), non-empty {result['non_empty_tiles']} "
+             f"(exact {_cell(result['non_empty_exact'])})"]
+    lines += _table(("objects", "tiles with", "exact count", "named", "mean abs. error", "named where absent"),
+                    [(kind, s["tiles_with"], s["exact"], s["named"], s["mean_abs_error"], s["named_where_absent"])
+                     for kind, s in result["kinds"].items()])
     return "\n".join(lines)
 
 

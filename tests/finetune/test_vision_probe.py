@@ -67,6 +67,7 @@ def test_object_scores_read_tiles_counts_and_the_best_tile():
     assert ships["tile_auc"] == pytest.approx(0.875)  # 0.9 beats all four negatives, 0.4 all but the 0.6
     # tile counts read: scene 1 -> 0, 2, 1 (true 0, 2, 0), scene 2 -> 0, 0, 0 (true 1, 0, 0)
     assert ships["tile_count_accuracy"] == pytest.approx(4 / 6)
+    assert ships["tile_count_accuracy_with"] == pytest.approx(1 / 2)  # the 2 right, the 1 read as 0
     assert ships["scene_count_accuracy"] == pytest.approx(0.0)  # 3 vs 2 and 0 vs 1
     assert ships["best_tile_accuracy"] == pytest.approx(1.0)  # tile 2 of scene 1, tile 1 of scene 2
     tanks = scores["storage tank"]

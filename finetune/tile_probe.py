@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.vision_probe import SCENES_FILE, _cell, _table, write_probe_result
+from finetune.vision_probe import SCENES_FILE, _cell, _table, add_render_arguments, write_probe_result
 
 RESULT_FILE = "tile_probe.json"
 
@@ -120,16 +120,10 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
-    from finetune.demo_data import DEMO_CACHE_DIR, DEMO_RENDER
-
-    default_render = json.dumps(DEMO_RENDER)  # JSON is YAML
     parser = argparse.ArgumentParser(prog="python -m finetune.tile_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a model folder (e.g. build/demo_warmup/model)")
     parser.add_argument("--data", required=True, help="synthetic build folder with rs_test_scenes.jsonl")
-    parser.add_argument("--render", default=default_render, metavar="YAML",
-                        help=f"render options as the recipes give them (default: the demo recipes' {default_render})")
-    parser.add_argument("--cache-dir", default=DEMO_CACHE_DIR, help=f"image cache for the renders (default {DEMO_CACHE_DIR})")
-    parser.add_argument("--limit", type=int, default=20, help="first N scenes (default 20, the card's)")
+    add_render_arguments(parser, "scenes")
     parser.add_argument("--out", default=None, help="folder for tile_probe.json (default: beside --model)")
     args = parser.parse_args(argv)
     result = probe_tiles(args.model, args.data, yaml.safe_load(args.render), args.cache_dir, args.limit)

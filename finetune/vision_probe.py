@@ -436,19 +436,25 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import yaml
-
+def add_render_arguments(parser: argparse.ArgumentParser, items: str) -> None:
+    """The held-out probes' ``--render`` (YAML, default the demo recipes'), ``--cache-dir`` and ``--limit``
+    (the first N ``items``, default 20, the card's); read ``--render`` back with ``yaml.safe_load``."""
     from finetune.demo_data import DEMO_CACHE_DIR, DEMO_RENDER
 
     default_render = json.dumps(DEMO_RENDER)  # JSON is YAML
+    parser.add_argument("--render", default=default_render, metavar="YAML",
+                        help=f"render options as the recipes give them (default: the demo recipes' {default_render})")
+    parser.add_argument("--cache-dir", default=DEMO_CACHE_DIR, help=f"image cache for the renders (default {DEMO_CACHE_DIR})")
+    parser.add_argument("--limit", type=int, default=20, help=f"first N {items} (default 20, the card's)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import yaml
+
     parser = argparse.ArgumentParser(prog="python -m finetune.vision_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="output_dir of a stage-'vision' run (model/ and the head)")
     parser.add_argument("--data", required=True, help="synthetic build folder with ct_test_studies.jsonl")
-    parser.add_argument("--render", default=default_render, metavar="YAML",
-                        help=f"CT render options as the recipes give them (default: the demo recipes' {default_render})")
-    parser.add_argument("--cache-dir", default=DEMO_CACHE_DIR, help=f"image cache for the renders (default {DEMO_CACHE_DIR})")
-    parser.add_argument("--limit", type=int, default=20, help="first N studies and scenes (default 20, the card's)")
+    add_render_arguments(parser, "studies and scenes")
     parser.add_argument("--needles", type=int, default=PROBE_NEEDLES,
                         help=f"fresh NIAH needle (and as many haystack) images to score (default {PROBE_NEEDLES}; 0: none)")
     parser.add_argument("--out", default=None, help="folder for vision_probe.json (default: --run)")

@@ -29,7 +29,10 @@ and the held-out sets its model card is scored on:
   training history, items 7 and 24) and writes them with their answers in words to
   ``vision_needles_train.json``, which a stage 2 may list beside ``single_train.json`` for a needle-rich
   warm-up (items 25-27); ``--no-scene-tokens`` leaves the tiles and NIAH images
-  without per-token targets (:func:`add_scene_token_labels`); ``--slab-presence`` first asks each CT image
+  without per-token targets (:func:`add_scene_token_labels`); ``--centre-tokens`` adds each tile's object
+  centres per cell (:func:`tile_centre_labels`) and ``--vision-tile-scenes N`` the tiles of N extra scenes
+  (:func:`vision_tile_records`, also in words in ``vision_tiles_train.json``), both off in the shipped
+  recipe (item 32); ``--slab-presence`` first asks each CT image
   the five presence questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped
   recipes: item 13).
   It renders the CT

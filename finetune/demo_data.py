@@ -689,6 +689,16 @@ def tile_token_label_names() -> list[str]:
     return [f"tile {PLURALS[kind]} >= 1" for kind in OBJECT_KINDS]
 
 
+def _tile_origin(truth: dict[str, Any], row: int, col: int) -> tuple[int, tuple[int, int]]:
+    """The tile size of a scene's ``ground_truth`` and the source (x, y) of the 1-based tile's top-left
+    corner (negative inside the padding)."""
+    size, layout = int(truth["tile_size"]), truth["grid"]
+    if not (1 <= row <= layout["rows"] and 1 <= col <= layout["cols"]):
+        raise DemoDataError(f"tile (row {row}, column {col}) is outside the scene's {layout['rows']}x"
+                            f"{layout['cols']} grid")
+    return size, ((col - 1) * size - layout["pad_left"], (row - 1) * size - layout["pad_top"])
+
+
 def tile_token_labels(truth: dict[str, Any], row: int, col: int, canvas: int = int(DEMO_RENDER["size"]),
                       grid: int = DEMO_TOKEN_GRID, min_pixels: int = TOKEN_MIN_PIXELS) -> dict[str, list[int]]:
     """For the tile at 1-based (``row``, ``col``) of a scene (``truth``: its ``ground_truth``), every label
@@ -698,11 +708,7 @@ def tile_token_labels(truth: dict[str, Any], row: int, col: int, canvas: int = i
     from domain_data.synthetic.satellite import OBJECT_KINDS, objects_mask
     from domain_data.token_cells import cell_pixel_counts
 
-    size, layout = int(truth["tile_size"]), truth["grid"]
-    if not (1 <= row <= layout["rows"] and 1 <= col <= layout["cols"]):
-        raise DemoDataError(f"tile (row {row}, column {col}) is outside the scene's {layout['rows']}x"
-                            f"{layout['cols']} grid")
-    origin = ((col - 1) * size - layout["pad_left"], (row - 1) * size - layout["pad_top"])  # source (x, y)
+    size, origin = _tile_origin(truth, row, col)
     scale = (canvas / size) ** 2
     labels = {}
     for kind, name in zip(OBJECT_KINDS, tile_token_label_names(), strict=True):
@@ -728,11 +734,7 @@ def tile_centre_labels(truth: dict[str, Any], row: int, col: int, grid: int = DE
     cell)."""
     from domain_data.synthetic.satellite import OBJECT_KINDS
 
-    size, layout = int(truth["tile_size"]), truth["grid"]
-    if not (1 <= row <= layout["rows"] and 1 <= col <= layout["cols"]):
-        raise DemoDataError(f"tile (row {row}, column {col}) is outside the scene's {layout['rows']}x"
-                            f"{layout['cols']} grid")
-    origin_x, origin_y = (col - 1) * size - layout["pad_left"], (row - 1) * size - layout["pad_top"]
+    size, (origin_x, origin_y) = _tile_origin(truth, row, col)
     edges = np.linspace(0, size, grid + 1)[1:-1]  # inner cell edges, source pixels of the tile
     per_cell = {kind: np.zeros(grid * grid, dtype=int) for kind in OBJECT_KINDS}
     for item in truth["objects"]:

@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from finetune.vision_probe import SCENES_FILE, _cell, _table, add_render_arguments, write_probe_result
+from finetune.vision_probe import (
+    SCENES_FILE,
+    _cell,
+    _table,
+    add_render_arguments,
+    rendered_scene_tiles,
+    write_probe_result,
+)
 
 RESULT_FILE = "tile_probe.json"
 
@@ -70,7 +77,6 @@ def probe_tiles(model_dir: str | Path, data: str | Path, render: dict[str, Any],
 
     from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
     from finetune import FinetuneError
-    from finetune.data import TrainingRecord, record_visuals
     from finetune.demo_data import TILE_QUESTION, tile_object_counts
     from longllava.loading import load_model
     from longllava.session import LongContextSession
@@ -87,19 +93,11 @@ def probe_tiles(model_dir: str | Path, data: str | Path, render: dict[str, Any],
     lines = scenes_path.read_text().splitlines()[:limit]
     for number, line in enumerate(tqdm(lines, desc="probe tiles", unit="scene"), start=1):
         scene = json.loads(line)
-        ground = scene["ground_truth"]
-        record = TrainingRecord(scene["id"], (), raster=Path(data) / scene["image"], layout="grid",
-                                render=dict(render), where=f"{scenes_path}:{number}")
-        tiles = list(record_visuals(record, cache_dir).paths[1:])  # thumbnail first
-        places = [(r, c) for r in range(1, ground["grid"]["rows"] + 1) for c in range(1, ground["grid"]["cols"] + 1)]
-        if len(tiles) != len(places):
-            raise FinetuneError(f"{scenes_path}:{number}: rendered {len(tiles)} tiles, the scene has "
-                                f"{len(places)}; raise the render's max_tiles")
-        for path, (row, col) in zip(tiles, places, strict=True):
+        for path, row, col in rendered_scene_tiles(data, scene, render, cache_dir, f"{scenes_path}:{number}"):
             with Image.open(path) as image:
                 answer = session.generate([{"role": "user", "content": f"<image>\n{TILE_QUESTION}"}],
                                           [image.convert("RGB")], max_new_tokens=24).strip()
-            truth.append(tile_object_counts(ground["objects"], row, col))
+            truth.append(tile_object_counts(scene["ground_truth"]["objects"], row, col))
             read.append(parse_tile_answer(answer, plurals))
             answers.append({"scene": scene["id"], "row": row, "col": col, "answer": answer})
     result = tile_scores(np.array(truth, dtype=int).reshape(-1, len(OBJECT_KINDS)), read, list(OBJECT_KINDS))

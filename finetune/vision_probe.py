@@ -314,14 +314,31 @@ def object_scores(counts: Sequence[np.ndarray], probabilities: Sequence[np.ndarr
     return scores
 
 
+def rendered_scene_tiles(data: str | Path, scene: dict[str, Any], render: dict[str, Any], cache_dir: str | Path,
+                         where: str) -> list[tuple[Path, int, int]]:
+    """A held-out scene of ``data`` (a line of :data:`SCENES_FILE`) rendered with ``render`` as the recipes
+    do: ``(tile image, row, column)`` for every tile, row-major (the thumbnail left out)."""
+    from finetune import FinetuneError
+    from finetune.data import TrainingRecord, record_visuals
+
+    truth = scene["ground_truth"]
+    record = TrainingRecord(scene["id"], (), raster=Path(data) / scene["image"], layout="grid",
+                            render=dict(render), where=where)
+    tiles = list(record_visuals(record, cache_dir).paths[1:])  # thumbnail first
+    rows, cols = truth["grid"]["rows"], truth["grid"]["cols"]
+    if len(tiles) != rows * cols:
+        raise FinetuneError(f"{where}: rendered {len(tiles)} tiles, the scene has {rows}x{cols}; raise the "
+                            "render's max_tiles")
+    places = [(row, col) for row in range(1, rows + 1) for col in range(1, cols + 1)]  # row-major, as rendered
+    return [(Path(tile), row, col) for tile, (row, col) in zip(tiles, places, strict=True)]
+
+
 def probe_scenes(run: str | Path | ProbedHead, data: str | Path, render: dict[str, Any], cache_dir: str | Path,
                  limit: int | None = 20) -> dict[str, Any] | None:
     """Score the head on the tiles of ``data``'s first ``limit`` held-out scenes (:func:`object_scores`),
     rendered with ``render`` as the recipes do; None when ``data`` has no scenes."""
     from tqdm import tqdm
 
-    from finetune import FinetuneError
-    from finetune.data import TrainingRecord, record_visuals
     from finetune.demo_data import tile_object_counts, tile_token_labels
 
     scenes_path = Path(data) / SCENES_FILE
@@ -333,15 +350,9 @@ def probe_scenes(run: str | Path | ProbedHead, data: str | Path, render: dict[st
     counts, probabilities, token_logits, targets = [], [], [], []
     for number, line in enumerate(tqdm(lines, desc="probe scenes", unit="scene"), start=1):
         scene = json.loads(line)
-        truth, where = scene["ground_truth"], f"{scenes_path}:{number}"
-        record = TrainingRecord(scene["id"], (), raster=Path(data) / scene["image"], layout="grid",
-                                render=dict(render), where=where)
-        tiles = list(record_visuals(record, cache_dir).paths[1:])  # thumbnail first
-        rows, cols = truth["grid"]["rows"], truth["grid"]["cols"]
-        if len(tiles) != rows * cols:
-            raise FinetuneError(f"{where}: rendered {len(tiles)} tiles, the scene has {rows}x{cols}; raise the "
-                                "render's max_tiles")
-        places = [(row, col) for row in range(1, rows + 1) for col in range(1, cols + 1)]  # row-major, as rendered
+        truth = scene["ground_truth"]
+        rendered = rendered_scene_tiles(data, scene, render, cache_dir, f"{scenes_path}:{number}")
+        tiles, places = [tile for tile, _, _ in rendered], [(row, col) for _, row, col in rendered]
         counts.append(np.array([tile_object_counts(truth["objects"], row, col) for row, col in places]))
         tokens = probed.token_logits(tiles)  # (tiles, t, L)
         probabilities.append(pooled_probabilities(tokens))

@@ -603,11 +603,12 @@ def vision_tile_records(out_dir: str | Path, n_scenes: int = VISION_TILE_SCENES,
         scene_id = f"rsv_{k:05d}"
         scene = make_scene(VISION_TILE_SEED_BASE + seed * n_scenes + k, side, side, tile_size=tile_size,
                            object_scale=float(DEMO_BUILD["rs_object_scale"]))
-        truth = scene.ground_truth()
+        truth, grid = scene.ground_truth(), scene.grid()
         truths.append(json.dumps({"id": scene_id, "ground_truth": truth}))
-        for row in range(1, side // tile_size + 1):
-            for col in range(1, side // tile_size + 1):
-                pixels = scene.image[(row - 1) * tile_size: row * tile_size, (col - 1) * tile_size: col * tile_size]
+        for row in range(1, grid.rows + 1):
+            for col in range(1, grid.cols + 1):
+                x0, y0, x1, y1 = grid.window(row, col)
+                pixels = scene.image[y0:y1, x0:x1]
                 path = out / f"rs_vision/{scene_id}_t{row}{col}.png"
                 Image.fromarray(pixels).save(path)
                 records.append(_single(f"{scene_id}_t{row}{col}", path, TILE_QUESTION,
@@ -743,9 +744,9 @@ def tile_centre_labels(truth: dict[str, Any], row: int, col: int, grid: int = DE
         cell_row = int(np.searchsorted(edges, item["cy"] - origin_y, side="right"))
         cell_col = int(np.searchsorted(edges, item["cx"] - origin_x, side="right"))
         per_cell[item["kind"]][cell_row * grid + cell_col] += 1
-    names = iter(tile_centre_label_names(levels))
-    return {next(names): np.flatnonzero(per_cell[kind] >= k).tolist()
-            for kind in OBJECT_KINDS for k in range(1, levels + 1)}
+    levels_in_order = [(kind, k) for kind in OBJECT_KINDS for k in range(1, levels + 1)]  # as the names go
+    return {name: np.flatnonzero(per_cell[kind] >= k).tolist()
+            for name, (kind, k) in zip(tile_centre_label_names(levels), levels_in_order, strict=True)}
 
 
 def needle_token_label_names() -> list[str]:

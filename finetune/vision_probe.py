@@ -248,15 +248,24 @@ def probe_ct(run: str | Path | ProbedHead, data: str | Path, render: dict[str, A
             "findings": finding_scores(answers, truths, probabilities, label_index, bags, cells)}
 
 
+def level_columns(label_index: dict[str, int], prefix: str) -> list[int]:
+    """The head's columns of the count levels ``<prefix> >= 1``, ``>= 2``, ... it has, in order."""
+    return [label_index[f"{prefix} >= {k}"] for k in range(1, 100) if f"{prefix} >= {k}" in label_index]
+
+
 def centre_counts(token_logits: np.ndarray, label_index: dict[str, int], plural: str) -> np.ndarray | None:
     """``(tiles, t, L)`` token logits -> ``(tiles,)`` counts of one object kind read off its per-cell centre
     labels (``tile <plural> centres >= k``): over every cell, how many of its k levels pass 0.5. None when
     the head has no such labels."""
-    columns = [label_index[f"tile {plural} centres >= {k}"] for k in range(1, 100)
-               if f"tile {plural} centres >= {k}" in label_index]
+    columns = level_columns(label_index, f"tile {plural} centres")
     if not columns:
         return None
     return (token_logits[..., columns] > 0).sum(axis=(1, 2))  # logit > 0: probability > 0.5
+
+
+def _scene_count_accuracy(read: Sequence[np.ndarray], counts: Sequence[np.ndarray], kind: int) -> float:
+    """How often the tile counts ``read`` per scene add up to the scene's true count of kind ``kind``."""
+    return float(np.mean([r.sum() == c[:, kind].sum() for r, c in zip(read, counts, strict=True)]))
 
 
 def object_scores(counts: Sequence[np.ndarray], probabilities: Sequence[np.ndarray], label_index: dict[str, int],
@@ -281,33 +290,31 @@ def object_scores(counts: Sequence[np.ndarray], probabilities: Sequence[np.ndarr
 
     scores = {}
     for j, kind in enumerate(OBJECT_KINDS):
-        columns = [label_index[f"tile {PLURALS[kind]} >= {k}"] for k in range(1, 100)
-                   if f"tile {PLURALS[kind]} >= {k}" in label_index]
+        columns = level_columns(label_index, f"tile {PLURALS[kind]}")
         if not columns:
             continue
         has = np.concatenate([c[:, j] > 0 for c in counts])
         first = np.concatenate([p[:, columns[0]] for p in probabilities])
         read = [(p[:, columns] >= 0.5).sum(axis=1) for p in probabilities]  # (tiles,) per scene
-        capped = np.concatenate([np.minimum(c[:, j], len(columns)) for c in counts])
         with_kind = [k for k, c in enumerate(counts) if c[:, j].any()]
         best = [bool(counts[k][int(np.argmax(probabilities[k][:, columns[0]])), j] > 0) for k in with_kind]
+        tile_right = np.concatenate(read) == np.concatenate([np.minimum(c[:, j], len(columns)) for c in counts])
         scores[kind] = {
             "tiles_with": int(has.sum()),
             "tile_auc": auc_or_none(has, first),
-            "tile_count_accuracy": float(np.mean(np.concatenate(read) == capped)),
+            "tile_count_accuracy": float(np.mean(tile_right)),
             # the same over the tiles that hold the kind: most tiles are empty, and the figure above hides
             # a head that miscounts nearly every tile with objects (training history, item 32)
-            "tile_count_accuracy_with": float(np.mean((np.concatenate(read) == capped)[has])) if has.any() else None,
-            "scene_count_accuracy": float(np.mean([r.sum() == c[:, j].sum() for r, c in zip(read, counts, strict=True)])),
+            "tile_count_accuracy_with": float(np.mean(tile_right[has])) if has.any() else None,
+            "scene_count_accuracy": _scene_count_accuracy(read, counts, j),
             "best_tile_accuracy": float(np.mean(best)) if best else None,
         }
         from_centres = None if token_logits is None else [centre_counts(t, label_index, PLURALS[kind])
                                                           for t in token_logits]
         if from_centres and from_centres[0] is not None:
-            scores[kind]["tile_count_accuracy_centres"] = float(np.mean(np.concatenate(from_centres) == np.concatenate(
-                [c[:, j] for c in counts])))
-            scores[kind]["scene_count_accuracy_centres"] = float(np.mean(
-                [r.sum() == c[:, j].sum() for r, c in zip(from_centres, counts, strict=True)]))
+            scores[kind]["tile_count_accuracy_centres"] = float(np.mean(
+                np.concatenate(from_centres) == np.concatenate([c[:, j] for c in counts])))
+            scores[kind]["scene_count_accuracy_centres"] = _scene_count_accuracy(from_centres, counts, j)
         label = f"tile {PLURALS[kind]} >= 1"
         if cells is not None and label in cells[1]:
             scores[kind]["cell_auc"] = auc_or_none(cells[1][label], cells[0][:, label_index[label]])
@@ -437,8 +444,9 @@ def format_table(result: dict[str, Any]) -> str:
                          "tile count acc. (tiles with)", "scene count acc.", "best tile acc.",
                          "tile count acc. (centres)", "scene count acc. (centres)"),
                         [(kind, s["tiles_with"], s["tile_auc"], s.get("cell_auc"), s["tile_count_accuracy"],
-                          s.get("tile_count_accuracy_with"), s["scene_count_accuracy"], s["best_tile_accuracy"], s.get("tile_count_accuracy_centres"),
-                          s.get("scene_count_accuracy_centres")) for kind, s in scenes["objects"].items()])
+                          s.get("tile_count_accuracy_with"), s["scene_count_accuracy"], s["best_tile_accuracy"],
+                          s.get("tile_count_accuracy_centres"), s.get("scene_count_accuracy_centres"))
+                         for kind, s in scenes["objects"].items()])
     needles = result.get("needles")
     if needles:
         lines += ["", f"{needles['needles']} needles and {needles['haystacks']} haystack images (seed {needles['seed']}):"]

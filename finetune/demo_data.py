@@ -85,6 +85,11 @@ VISION_TILE_SIDE = 672
 VISION_TILE_SEED_BASE = 3_000_000_000  # scene seeds far from the build's item seeds and the NIAH pools'
 VISION_TILES_FILE = "vision_tiles_train.json"
 VISION_TILE_SCENES_FILE = "rs_vision_scenes.jsonl"
+# stage 2 sees the training scenes' tiles that hold objects this many extra times: otherwise ~260 of its 4,800
+# images are such tiles and its language model answers "0, 0, 0" for every tile (training history, item 32)
+TILES_WITH_OBJECTS_COPIES = 0
+TILES_WITH_OBJECTS_FILE = "tiles_with_objects_train.json"
+VISION_TILES_ONLY_FILE = "vision_tiles_only.json"  # the tile records of vision_train.json alone (item 33)
 IMAGE_TAG = "<image>"
 SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
 SHUFFLED_COPIES = 3
@@ -495,6 +500,17 @@ def single_image_records(out_dir: str | Path, cache_dir: str | Path, render: dic
     return [pieces[i] for i in order]
 
 
+def tiles_with_objects_records(single_records: Sequence[dict[str, Any]], copies: int = TILES_WITH_OBJECTS_COPIES,
+                               seed: int = 0) -> list[dict[str, Any]]:
+    """``copies`` copies (ids ``<id>_x0`` ...) of every tile record of ``single_records`` whose answer
+    counts at least one object, in a seeded shuffled order."""
+    with_objects = [record for record in single_records if record["conversations"][0]["value"] == TILE_QUESTION
+                    and _tile_labels(record["conversations"][1]["value"])]
+    copied = [dict(record, id=f"{record['id']}_x{k}") for k in range(copies) for record in with_objects]
+    order = np.random.default_rng([seed, 23]).permutation(len(copied))
+    return [copied[i] for i in order]
+
+
 def _slice_labels(answer: str) -> list[str]:
     labels = []
     for item in filter(None, answer.split(", ")) if answer != "none" else ():
@@ -822,7 +838,8 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
                                slab_presence: bool = SLAB_PRESENCE, token_grid: int | None = DEMO_TOKEN_GRID,
                                scene_tokens: bool = SCENE_TOKEN_TARGETS,
                                centre_tokens: bool = TILE_CENTRE_TARGETS,
-                               vision_tile_scenes: int = VISION_TILE_SCENES) -> Path:
+                               vision_tile_scenes: int = VISION_TILE_SCENES,
+                               tile_copies: int = TILES_WITH_OBJECTS_COPIES) -> Path:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
@@ -832,8 +849,12 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
     ``token_grid`` each CT slab's per-token
     targets on that grid (:func:`add_ct_token_labels`), with ``scene_tokens`` also each tile's and NIAH
     image's (:func:`add_scene_token_labels`; with ``centre_tokens`` each tile's object centres as well).
-    Returns the first."""
+    :data:`TILES_WITH_OBJECTS_FILE` gets ``tile_copies`` copies of the first's tiles that hold objects
+    (:func:`tiles_with_objects_records`; empty with 0), :data:`VISION_TILES_ONLY_FILE` the tile records of
+    ``vision_train.json`` alone (for tiles-only tower steps, item 33). Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
+    copies = tiles_with_objects_records(records, tile_copies, seed)
+    (Path(out_dir) / TILES_WITH_OBJECTS_FILE).write_text(json.dumps(copies, indent=1) + "\n")
     needles = vision_needle_records(out_dir, vision_needles, seed) if vision_needles else []
     (Path(out_dir) / NEEDLE_ANSWERS_FILE).write_text(json.dumps(needles, indent=1) + "\n")
     tiles = vision_tile_records(out_dir, vision_tile_scenes, seed) if vision_tile_scenes else []
@@ -844,6 +865,7 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
     if needles or tiles:
         vision = records + needles + tiles
         vision = [vision[i] for i in np.random.default_rng([seed, 19]).permutation(len(vision))]
+    tile_ids = {record["id"] for record in vision if record["conversations"][0]["value"] == TILE_QUESTION}
     vision = vision_records(vision)
     if token_grid:
         render = dict(DEMO_RENDER if render is None else render)
@@ -851,6 +873,8 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
         if scene_tokens:
             add_scene_token_labels(vision, out_dir, token_grid, canvas=int(render["size"]), centres=centre_tokens)
     (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision, indent=1) + "\n")
+    tiles_only = [record for record in vision if record["id"] in tile_ids]
+    (Path(out_dir) / VISION_TILES_ONLY_FILE).write_text(json.dumps(tiles_only, indent=1) + "\n")
     target = Path(out_dir) / "single_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")
     return target
@@ -906,7 +930,8 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                     vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
                     slab_presence: bool = SLAB_PRESENCE, scene_tokens: bool = SCENE_TOKEN_TARGETS,
                     centre_tokens: bool = TILE_CENTRE_TARGETS,
-                    vision_tile_scenes: int = VISION_TILE_SCENES) -> dict[str, Any]:
+                    vision_tile_scenes: int = VISION_TILE_SCENES,
+                    tile_copies: int = TILES_WITH_OBJECTS_COPIES) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
     both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
@@ -921,7 +946,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     write_polish_records(out_dir, seed)
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence,
                                scene_tokens=scene_tokens, centre_tokens=centre_tokens,
-                               vision_tile_scenes=round(vision_tile_scenes * scale))
+                               vision_tile_scenes=round(vision_tile_scenes * scale), tile_copies=tile_copies)
     return manifest
 
 
@@ -966,6 +991,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vision-tile-scenes", type=int, default=VISION_TILE_SCENES,
                         help=f"extra {VISION_TILE_SIDE}-px scenes whose tiles only stage 1 sees, with token targets "
                         f"(default {VISION_TILE_SCENES}; training history, item 32)")
+    parser.add_argument("--tile-copies", type=int, default=TILES_WITH_OBJECTS_COPIES,
+                        help=f"copies of the training tiles that hold objects in {TILES_WITH_OBJECTS_FILE} for "
+                        f"stage 2 (default {TILES_WITH_OBJECTS_COPIES}; training history, item 32)")
     parser.add_argument("--centre-tokens", action=argparse.BooleanOptionalAction, default=TILE_CENTRE_TARGETS,
                         help="with --scene-tokens, every tile's cells also name the object centres they hold "
                         "(tile <objects> centres >= 1, >= 2), so the tokens add up to the tile's count (default "
@@ -980,13 +1008,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence, scene_tokens=args.scene_tokens,
                                        centre_tokens=args.centre_tokens,
-                                       vision_tile_scenes=args.vision_tile_scenes)]
+                                       vision_tile_scenes=args.vision_tile_scenes,
+                                       tile_copies=args.tile_copies)]
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
     manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
                                args.vision_needles, render, args.slab_presence, args.scene_tokens,
-                               args.centre_tokens, args.vision_tile_scenes)
+                               args.centre_tokens, args.vision_tile_scenes, args.tile_copies)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

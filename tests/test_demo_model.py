@@ -20,8 +20,10 @@ from finetune.demo_data import (
     NEEDLE_QUESTION,
     SLICE_QUESTION,
     TILE_QUESTION,
+    TILES_WITH_OBJECTS_FILE,
     VISION_TILE_SCENES_FILE,
     VISION_TILE_SEED_BASE,
+    VISION_TILES_ONLY_FILE,
     DemoDataError,
     add_ct_token_labels,
     add_scene_token_labels,
@@ -48,6 +50,7 @@ from finetune.demo_data import (
     tile_object_counts,
     tile_token_label_names,
     tile_token_labels,
+    tiles_with_objects_records,
     vision_needle_records,
     vision_records,
     vision_tile_records,
@@ -372,7 +375,7 @@ def test_vision_needles_are_balanced_new_images_labelled_for_stage_1_and_answere
     pixels = [np.asarray(Image.open(r["images"][0])) for r in needles]
     training = [np.asarray(Image.open(path)) for path in sorted((tiny_build / "niah_train").glob("*.png"))]
     assert not any(np.array_equal(a, b) for a in pixels for b in training)  # no pool or record image again
-    single = write_single_image_records(tiny_build, tmp_path / "cache", vision_needles=8)
+    single = write_single_image_records(tiny_build, tmp_path / "cache", vision_needles=8, tile_copies=2)
     stage2 = json.loads(single.read_text())
     stage1 = json.loads((tiny_build / "vision_train.json").read_text())
     assert len(stage1) == len(stage2) + 8 and not any("niah_vision" in r["id"] for r in stage2)
@@ -384,6 +387,10 @@ def test_vision_needles_are_balanced_new_images_labelled_for_stage_1_and_answere
     assert answered == vision_needle_records(tiny_build, 8)
     plain = [{key: r[key] for key in ("id", "images", "labels")} for r in sorted(extra, key=lambda r: r["id"])]
     assert vision_records(answered) == plain
+    copies = json.loads((tiny_build / TILES_WITH_OBJECTS_FILE).read_text())  # stage 2's extra tiles with objects
+    assert copies and copies == tiles_with_objects_records(stage2, 2)
+    tiles_only = json.loads((tiny_build / VISION_TILES_ONLY_FILE).read_text())  # for tiles-only tower steps
+    assert tiles_only and tiles_only == [r for r in stage1 if r["id"].startswith("rs_")]
 
 
 def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
@@ -417,6 +424,10 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     assert {len(r["conversations"]) for r in asked if r["id"].startswith("ct")} == {12}
     assert _without_token_labels(out / "vision_train.json", scene_tokens=True) == vision_records(
         files["single_train.json"])
+    assert json.loads((out / TILES_WITH_OBJECTS_FILE).read_text()) == []  # default: no extra tile copies
+    assert main([*records_only, "--tile-copies", "2"]) == 0
+    with_objects = [r for r in vision_records(files["single_train.json"]) if r["id"].startswith("rs_") and r["labels"]]
+    assert len(json.loads((out / TILES_WITH_OBJECTS_FILE).read_text())) == 2 * len(with_objects) > 0
 
 
 def _without_token_labels(vision_file: Path, scene_tokens: bool = False) -> list[dict]:
@@ -558,6 +569,22 @@ def test_vision_tile_records_cut_extra_scenes_into_labelled_tiles(tiny_build, tm
     assert sum(len(r["labels"]) for r in vision) == sum(sum(t["ground_truth"]["counts"].values()) for t in truths)
     with pytest.raises(DemoDataError, match="whole 336-px tiles"):
         vision_tile_records(tmp_path, 1, side=700)
+
+
+def test_tiles_with_objects_records_copy_only_the_tiles_that_count_something():
+    def single(record_id, question, answer):
+        return {"id": record_id, "images": [f"/{record_id}.png"], "layout": "images",
+                "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+
+    records = [single("rs_1_t11", TILE_QUESTION, "ships 0, storage tanks 0, buildings 0"),
+               single("rs_1_t12", TILE_QUESTION, "ships 2, storage tanks 0, buildings 0"),
+               single("ct_1_s00", SLICE_QUESTION, "cardiomegaly"),
+               single("rs_2_t21", TILE_QUESTION, "ships 0, storage tanks 0, buildings 1")]
+    copies = tiles_with_objects_records(records, 3, seed=0)
+    assert sorted(r["id"] for r in copies) == sorted(f"{i}_x{k}" for i in ("rs_1_t12", "rs_2_t21") for k in range(3))
+    assert {r["id"]: r["conversations"][1]["value"] for r in copies}["rs_2_t21_x2"] == "ships 0, storage tanks 0, buildings 1"
+    assert [r["id"] for r in copies] == [r["id"] for r in tiles_with_objects_records(records, 3, seed=0)]  # seeded
+    assert tiles_with_objects_records(records, 0) == [] and records[1]["id"] == "rs_1_t12"  # sources untouched
 
 
 def test_vision_records_turn_every_answer_into_label_names():

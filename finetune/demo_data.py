@@ -32,7 +32,10 @@ and the held-out sets its model card is scored on:
   without per-token targets (:func:`add_scene_token_labels`); ``--centre-tokens`` adds each tile's object
   centres per cell (:func:`tile_centre_labels`) and ``--vision-tile-scenes N`` the tiles of N extra scenes
   (:func:`vision_tile_records`, also in words in ``vision_tiles_train.json``), both off in the shipped
-  recipe (item 32); ``--slab-presence`` first asks each CT image
+  recipe (item 32); ``--tile-copies N`` writes N copies of the training tiles that hold objects to
+  ``tiles_with_objects_train.json`` for a tile-rich stage 2 (:func:`tiles_with_objects_records`; off in the
+  shipped recipe, items 32-33), and ``vision_tiles_only.json`` always holds stage 1's tile records alone
+  (for tiles-only tower steps, item 33); ``--slab-presence`` first asks each CT image
   the five presence questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped
   recipes: item 13).
   It renders the CT

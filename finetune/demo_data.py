@@ -34,8 +34,9 @@ and the held-out sets its model card is scored on:
   (:func:`vision_tile_records`, also in words in ``vision_tiles_train.json``), both off in the shipped
   recipe (item 32); ``--tile-copies N`` writes N copies of the training tiles that hold objects to
   ``tiles_with_objects_train.json`` for a tile-rich stage 2 (:func:`tiles_with_objects_records`; off in the
-  shipped recipe, items 32-33), and ``vision_tiles_only.json`` always holds stage 1's tile records alone
-  (for tiles-only tower steps, item 33); ``--slab-presence`` first asks each CT image
+  shipped recipe, items 32-34), and ``vision_tiles_replay.json`` holds stage 1's tile records with
+  ``--tile-replay N`` of its other records drawn in, for a stage 1b that teaches the tower to count
+  (:func:`tile_replay_records`; items 33-34); ``--slab-presence`` first asks each CT image
   the five presence questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped
   recipes: item 13).
   It renders the CT
@@ -82,7 +83,7 @@ NIAH_VISION_NEEDLES = 5000
 NEEDLE_ANSWERS_FILE = "vision_needles_train.json"
 NIAH_VISION_INDEX_BASE = 10_000_000  # haystack indices of those needles: far from the pool and the records'
 # extra satellite tiles (each scene 2 x 2 tiles of 336 px, drawn like the build's: 0-5 objects of each kind
-# clustered in one tile) for the vision stage: none in the shipped recipe (training history, item 32)
+# clustered in one tile) for the vision stage: none in the shipped recipe (training history, items 32-34)
 VISION_TILE_SCENES = 0
 VISION_TILE_SIDE = 672
 VISION_TILE_SEED_BASE = 3_000_000_000  # scene seeds far from the build's item seeds and the NIAH pools'
@@ -92,7 +93,11 @@ VISION_TILE_SCENES_FILE = "rs_vision_scenes.jsonl"
 # images are such tiles and its language model answers "0, 0, 0" for every tile (training history, item 32)
 TILES_WITH_OBJECTS_COPIES = 0
 TILES_WITH_OBJECTS_FILE = "tiles_with_objects_train.json"
-VISION_TILES_ONLY_FILE = "vision_tiles_only.json"  # the tile records of vision_train.json alone (item 33)
+# a stage 1b (items 33-34; not in the shipped recipes): stage 1's tile records with this many of its other
+# records (CT slabs, needle and haystack images) drawn in as a replay, so that steps that teach the tower to
+# count keep what it reads in CT slabs and needles (tiles alone lost the CT answers; 7,000 in item 34)
+TILE_REPLAY_RECORDS = 0
+VISION_TILES_REPLAY_FILE = "vision_tiles_replay.json"
 IMAGE_TAG = "<image>"
 SHUFFLED_SOURCES = ("ct_train.json", "rs_train.json")
 SHUFFLED_COPIES = 3
@@ -274,6 +279,11 @@ POLISH_RS_REPLAY_VERSIONS = 2  # each scene's first shuffled versions (_c00, _c0
 # of every record of these training files, replayed
 POLISH_FOLLOW_UP_SOURCES = ("ct_train.json", "rs_train.json")
 POLISH_NIAH_RECORDS = 200  # the first NIAH training records, replayed once
+# count-only versions (a scene's three count turns alone) of each scene's first shuffled versions, this many
+# times each: none in the shipped recipe (2 versions x 2 raised the scene count by 0.08: training history, item 34)
+POLISH_COUNT_VERSIONS = 0
+POLISH_COUNT_COPIES = 0
+SCENE_COUNT_PREFIXES = ("How many ", "Count the ")  # domain_data.synthetic.qa.scene_questions' count questions
 
 
 def presence_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -287,6 +297,14 @@ def presence_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
     return _reordered_version(record, tag, kept, "p") if kept else None
 
 
+def count_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A satellite scene conversation cut down to its count turns (:data:`SCENE_COUNT_PREFIXES`), in their
+    order, the image tag in front of the first; id ``ID_n``. None when it has no such turn."""
+    tag, questions = _question_pairs(record)
+    kept = [(question, answer) for question, answer in questions if question.startswith(SCENE_COUNT_PREFIXES)]
+    return _reordered_version(record, tag, kept, "n") if kept else None
+
+
 def _is_early_version(record: dict[str, Any], versions: int) -> bool:
     """True for a shuffled conversation ``ID_cNN`` with NN < ``versions``."""
     head, _, number = str(record.get("id", "")).rpartition("_c")
@@ -298,26 +316,32 @@ def polish_records(ct_shuffled: Sequence[dict[str, Any]], rs_shuffled: Sequence[
                    ct_replay_versions: int = POLISH_CT_REPLAY_VERSIONS,
                    rs_replay_versions: int = POLISH_RS_REPLAY_VERSIONS,
                    niah_records: int = POLISH_NIAH_RECORDS, ct_follow_ups: Sequence[dict[str, Any]] = (),
-                   rs_follow_ups: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+                   rs_follow_ups: Sequence[dict[str, Any]] = (), count_versions: int = POLISH_COUNT_VERSIONS,
+                   count_copies: int = POLISH_COUNT_COPIES) -> list[dict[str, Any]]:
     """The polish stage's records: every whole-study CT conversation cut to its presence turns
     (:func:`presence_only_version`), ``presence_copies`` times; then a replay of the whole-study stage so
     that nothing else is forgotten: each CT study's first ``ct_replay_versions`` and each scene's first
     ``rs_replay_versions`` shuffled conversations (``_c00``, ``_c01``, ...), the follow-up-only versions
     given (:func:`follow_up_conversations`: the questions evaluation asks straight after the images but the
-    shuffled conversations never do) and the first ``niah_records`` NIAH records. Kept in this order, the
-    inputs' own (seeded) order within each part; the trainer's seeded sampler shuffles them."""
+    shuffled conversations never do) and the first ``niah_records`` NIAH records; last, ``count_copies``
+    times the count-only versions (:func:`count_only_version`) of each scene's first ``count_versions``
+    shuffled conversations. Kept in this order, the inputs' own (seeded) order within each part; the
+    trainer's seeded sampler shuffles them."""
     presence = [version for record in ct_shuffled if (version := presence_only_version(record))]
     ct_replay = [r for r in ct_shuffled if _is_early_version(r, ct_replay_versions)]
     rs_replay = [r for r in rs_shuffled if _is_early_version(r, rs_replay_versions)]
+    counts = [version for record in rs_shuffled if _is_early_version(record, count_versions)
+              and (version := count_only_version(record))]
     return (presence * presence_copies + ct_replay + list(ct_follow_ups) + rs_replay + list(rs_follow_ups)
-            + list(niah[:niah_records]))
+            + list(niah[:niah_records]) + counts * count_copies)
 
 
 def write_polish_records(out_dir: str | Path, seed: int = 0, presence_copies: int = POLISH_PRESENCE_COPIES,
                          ct_replay_versions: int = POLISH_CT_REPLAY_VERSIONS,
                          rs_replay_versions: int = POLISH_RS_REPLAY_VERSIONS,
                          niah_records: int = POLISH_NIAH_RECORDS,
-                         follow_up_sources: Sequence[str] = POLISH_FOLLOW_UP_SOURCES) -> Path:
+                         follow_up_sources: Sequence[str] = POLISH_FOLLOW_UP_SOURCES,
+                         count_versions: int = POLISH_COUNT_VERSIONS, count_copies: int = POLISH_COUNT_COPIES) -> Path:
     """``polish_train.json`` in ``out_dir`` from its ``ct_train_shuffled.json``, ``rs_train_shuffled.json``
     and ``niah_train.json``, with one follow-up version (seeded by ``seed``, as in
     :func:`write_shuffled_records`) of every record of each of ``follow_up_sources`` (:func:`polish_records`)."""
@@ -331,7 +355,8 @@ def write_polish_records(out_dir: str | Path, seed: int = 0, presence_copies: in
                          for version in follow_up_conversations(record, index, 1, seed)]
                   for name in follow_up_sources}
     records = polish_records(ct, rs, niah, presence_copies, ct_replay_versions, rs_replay_versions, niah_records,
-                             follow_ups.get("ct_train.json", ()), follow_ups.get("rs_train.json", ()))
+                             follow_ups.get("ct_train.json", ()), follow_ups.get("rs_train.json", ()),
+                             count_versions, count_copies)
     target = Path(out_dir) / "polish_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")
     return target
@@ -512,6 +537,19 @@ def tiles_with_objects_records(single_records: Sequence[dict[str, Any]], copies:
     copied = [dict(record, id=f"{record['id']}_x{k}") for k in range(copies) for record in with_objects]
     order = np.random.default_rng([seed, 23]).permutation(len(copied))
     return [copied[i] for i in order]
+
+
+def tile_replay_records(vision: Sequence[dict[str, Any]], tile_ids: set[str], replay: int = TILE_REPLAY_RECORDS,
+                        seed: int = 0) -> list[dict[str, Any]]:
+    """Stage 1b's records: every record of ``vision`` whose id is in ``tile_ids`` and ``replay`` of the
+    others drawn without replacement, in a seeded shuffled order (all of them if ``replay`` exceeds the
+    others)."""
+    rng = np.random.default_rng([seed, 29])
+    tiles = [record for record in vision if record["id"] in tile_ids]
+    others = [record for record in vision if record["id"] not in tile_ids]
+    drawn = [others[i] for i in sorted(rng.choice(len(others), size=min(replay, len(others)), replace=False))]
+    mixed = tiles + drawn
+    return [mixed[i] for i in rng.permutation(len(mixed))]
 
 
 def _slice_labels(answer: str) -> list[str]:
@@ -842,7 +880,8 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
                                scene_tokens: bool = SCENE_TOKEN_TARGETS,
                                centre_tokens: bool = TILE_CENTRE_TARGETS,
                                vision_tile_scenes: int = VISION_TILE_SCENES,
-                               tile_copies: int = TILES_WITH_OBJECTS_COPIES) -> Path:
+                               tile_copies: int = TILES_WITH_OBJECTS_COPIES,
+                               tile_replay: int = TILE_REPLAY_RECORDS) -> Path:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
@@ -853,8 +892,9 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
     targets on that grid (:func:`add_ct_token_labels`), with ``scene_tokens`` also each tile's and NIAH
     image's (:func:`add_scene_token_labels`; with ``centre_tokens`` each tile's object centres as well).
     :data:`TILES_WITH_OBJECTS_FILE` gets ``tile_copies`` copies of the first's tiles that hold objects
-    (:func:`tiles_with_objects_records`; empty with 0), :data:`VISION_TILES_ONLY_FILE` the tile records of
-    ``vision_train.json`` alone (for tiles-only tower steps, item 33). Returns the first."""
+    (:func:`tiles_with_objects_records`; empty with 0), :data:`VISION_TILES_REPLAY_FILE` the tile records of
+    ``vision_train.json`` with ``tile_replay`` of its other records (:func:`tile_replay_records`; stage 1b).
+    Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
     copies = tiles_with_objects_records(records, tile_copies, seed)
     (Path(out_dir) / TILES_WITH_OBJECTS_FILE).write_text(json.dumps(copies, indent=1) + "\n")
@@ -876,8 +916,8 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
         if scene_tokens:
             add_scene_token_labels(vision, out_dir, token_grid, canvas=int(render["size"]), centres=centre_tokens)
     (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision, indent=1) + "\n")
-    tiles_only = [record for record in vision if record["id"] in tile_ids]
-    (Path(out_dir) / VISION_TILES_ONLY_FILE).write_text(json.dumps(tiles_only, indent=1) + "\n")
+    replay = tile_replay_records(vision, tile_ids, tile_replay, seed)
+    (Path(out_dir) / VISION_TILES_REPLAY_FILE).write_text(json.dumps(replay, indent=1) + "\n")
     target = Path(out_dir) / "single_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")
     return target
@@ -934,7 +974,9 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                     slab_presence: bool = SLAB_PRESENCE, scene_tokens: bool = SCENE_TOKEN_TARGETS,
                     centre_tokens: bool = TILE_CENTRE_TARGETS,
                     vision_tile_scenes: int = VISION_TILE_SCENES,
-                    tile_copies: int = TILES_WITH_OBJECTS_COPIES) -> dict[str, Any]:
+                    tile_copies: int = TILES_WITH_OBJECTS_COPIES,
+                    tile_replay: int = TILE_REPLAY_RECORDS,
+                    polish_counts: tuple[int, int] = (POLISH_COUNT_VERSIONS, POLISH_COUNT_COPIES)) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
     both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
@@ -946,10 +988,11 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
-    write_polish_records(out_dir, seed)
+    write_polish_records(out_dir, seed, count_versions=polish_counts[0], count_copies=polish_counts[1])
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence,
                                scene_tokens=scene_tokens, centre_tokens=centre_tokens,
-                               vision_tile_scenes=round(vision_tile_scenes * scale), tile_copies=tile_copies)
+                               vision_tile_scenes=round(vision_tile_scenes * scale), tile_copies=tile_copies,
+                               tile_replay=round(tile_replay * scale))
     return manifest
 
 
@@ -997,6 +1040,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tile-copies", type=int, default=TILES_WITH_OBJECTS_COPIES,
                         help=f"copies of the training tiles that hold objects in {TILES_WITH_OBJECTS_FILE} for "
                         f"stage 2 (default {TILES_WITH_OBJECTS_COPIES}; training history, item 32)")
+    parser.add_argument("--tile-replay", type=int, default=TILE_REPLAY_RECORDS,
+                        help=f"stage 1's other records drawn in beside its tiles in {VISION_TILES_REPLAY_FILE} for "
+                        f"a stage 1b (default {TILE_REPLAY_RECORDS}; training history, items 33-34)")
+    parser.add_argument("--polish-counts", type=int, nargs=2, metavar=("VERSIONS", "COPIES"),
+                        default=[POLISH_COUNT_VERSIONS, POLISH_COUNT_COPIES],
+                        help="polish_train.json also holds COPIES times the count-only versions of each scene's "
+                        "first VERSIONS shuffled conversations (default 0 0; training history, item 34)")
     parser.add_argument("--centre-tokens", action=argparse.BooleanOptionalAction, default=TILE_CENTRE_TARGETS,
                         help="with --scene-tokens, every tile's cells also name the object centres they hold "
                         "(tile <objects> centres >= 1, >= 2), so the tokens add up to the tile's count (default "
@@ -1007,18 +1057,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     render = dict(DEMO_RENDER, window=args.ct_window)
     if args.records_only:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
-            write_polish_records(args.out, args.seed),
+            write_polish_records(args.out, args.seed, count_versions=args.polish_counts[0],
+                                 count_copies=args.polish_counts[1]),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence, scene_tokens=args.scene_tokens,
                                        centre_tokens=args.centre_tokens,
                                        vision_tile_scenes=args.vision_tile_scenes,
-                                       tile_copies=args.tile_copies)]
+                                       tile_copies=args.tile_copies, tile_replay=args.tile_replay)]
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
     manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
                                args.vision_needles, render, args.slab_presence, args.scene_tokens,
-                               args.centre_tokens, args.vision_tile_scenes, args.tile_copies)
+                               args.centre_tokens, args.vision_tile_scenes, args.tile_copies, args.tile_replay,
+                               tuple(args.polish_counts))
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

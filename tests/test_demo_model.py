@@ -23,12 +23,13 @@ from finetune.demo_data import (
     TILES_WITH_OBJECTS_FILE,
     VISION_TILE_SCENES_FILE,
     VISION_TILE_SEED_BASE,
-    VISION_TILES_ONLY_FILE,
+    VISION_TILES_REPLAY_FILE,
     DemoDataError,
     add_ct_token_labels,
     add_scene_token_labels,
     build_heldout_subset,
     build_niah_train,
+    count_only_version,
     ct_token_label_names,
     follow_up_conversations,
     needle_token_label_names,
@@ -48,6 +49,7 @@ from finetune.demo_data import (
     tile_centre_labels,
     tile_counts_answer,
     tile_object_counts,
+    tile_replay_records,
     tile_token_label_names,
     tile_token_labels,
     tiles_with_objects_records,
@@ -269,6 +271,19 @@ def test_presence_only_versions_keep_the_yes_no_turns_and_the_polish_replays_the
     with_follow_ups = polish_records([record, second], scenes, niah, 1, 1, 0, 1, ct_follow_ups=[study_follow_up],
                                      rs_follow_ups=[scene_follow_up])
     assert [r["id"] for r in with_follow_ups] == ["s1_c00_p", "s1_c01_p", "s1_c00", "s1_f00", "r1_f00", "n0"]
+    # count-only versions of the scenes' first shuffled versions go last, count_copies times
+    scene = dict(_conversation("How many ships are there in the image? Answer with a number.", "3",
+                               "Is there a ship in the image? Answer Yes or No.", "Yes",
+                               "Which row of tiles (1 = top) contains ships? Answer with the row number(s).", "2",
+                               "Count the storage tanks in this image. Answer with a number.", "0"), id="r2_c00")
+    counts = count_only_version(scene)
+    assert counts["id"] == "r2_c00_n" and [t["value"] for t in counts["conversations"]] == [
+        "<image>\nHow many ships are there in the image? Answer with a number.", "3",
+        "Count the storage tanks in this image. Answer with a number.", "0"]
+    assert count_only_version(_conversation("Is there a ship in the image? Answer Yes or No.", "No")) is None
+    with_counts = polish_records([record], [scene, dict(scene, id="r2_c01")], niah, 1, 1, 0, 0, count_versions=1,
+                                 count_copies=2)
+    assert [r["id"] for r in with_counts] == ["s1_c00_p", "s1_c00", "r2_c00_n", "r2_c00_n"]
 
 
 def test_split_per_question_rejects_broken_conversations(tmp_path):
@@ -375,7 +390,8 @@ def test_vision_needles_are_balanced_new_images_labelled_for_stage_1_and_answere
     pixels = [np.asarray(Image.open(r["images"][0])) for r in needles]
     training = [np.asarray(Image.open(path)) for path in sorted((tiny_build / "niah_train").glob("*.png"))]
     assert not any(np.array_equal(a, b) for a in pixels for b in training)  # no pool or record image again
-    single = write_single_image_records(tiny_build, tmp_path / "cache", vision_needles=8, tile_copies=2)
+    single = write_single_image_records(tiny_build, tmp_path / "cache", vision_needles=8, tile_copies=2,
+                                        tile_replay=5)
     stage2 = json.loads(single.read_text())
     stage1 = json.loads((tiny_build / "vision_train.json").read_text())
     assert len(stage1) == len(stage2) + 8 and not any("niah_vision" in r["id"] for r in stage2)
@@ -389,8 +405,15 @@ def test_vision_needles_are_balanced_new_images_labelled_for_stage_1_and_answere
     assert vision_records(answered) == plain
     copies = json.loads((tiny_build / TILES_WITH_OBJECTS_FILE).read_text())  # stage 2's extra tiles with objects
     assert copies and copies == tiles_with_objects_records(stage2, 2)
-    tiles_only = json.loads((tiny_build / VISION_TILES_ONLY_FILE).read_text())  # for tiles-only tower steps
-    assert tiles_only and tiles_only == [r for r in stage1 if r["id"].startswith("rs_")]
+    stage1b = json.loads((tiny_build / VISION_TILES_REPLAY_FILE).read_text())  # tiles and a replay of the rest
+    tiles = [r for r in stage1 if r["id"].startswith("rs_")]
+    replayed = [r for r in stage1b if not r["id"].startswith("rs_")]
+    assert tiles and sorted(r["id"] for r in stage1b if r["id"].startswith("rs_")) == sorted(r["id"] for r in tiles)
+    assert len(replayed) == 5 and all(r in stage1 for r in replayed)
+    assert stage1b[:len(tiles)] != tiles  # shuffled in
+    assert stage1b == tile_replay_records(stage1, {r["id"] for r in tiles}, 5)  # seeded
+    alone = tile_replay_records(stage1, {r["id"] for r in tiles}, 0)  # no replay: the tiles alone
+    assert sorted(r["id"] for r in alone) == sorted(r["id"] for r in tiles)
 
 
 def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
@@ -417,6 +440,12 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     assert json.loads((out / NEEDLE_ANSWERS_FILE).read_text()) == []  # no extra needles: none to answer
     assert _without_token_labels(out / "vision_train.json") == vision_records(files["single_train.json"])
     assert main(records_only) == 0  # the shipped recipe: tiles and NIAH images with token targets too
+    polish = json.loads((out / "polish_train.json").read_text())
+    assert polish == files["polish_train.json"]  # the records-only rewrite is the same
+    assert main([*records_only, "--polish-counts", "1", "2"]) == 0  # a count polish: 2 scenes x 1 version x 2
+    with_counts = json.loads((out / "polish_train.json").read_text())
+    assert with_counts[:len(polish)] == polish and [r["id"] for r in with_counts[len(polish):]] == [
+        "rs_train_0000_c00_n", "rs_train_0001_c00_n"] * 2
     assert _without_token_labels(out / "vision_train.json", scene_tokens=True) == vision_records(
         files["single_train.json"])
     assert main([*records_only, "--slab-presence"]) == 0

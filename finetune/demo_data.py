@@ -50,7 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +280,8 @@ POLISH_RS_REPLAY_VERSIONS = 2  # each scene's first shuffled versions (_c00, _c0
 POLISH_FOLLOW_UP_SOURCES = ("ct_train.json", "rs_train.json")
 POLISH_NIAH_RECORDS = 200  # the first NIAH training records, replayed once
 # count-only versions (a scene's three count turns alone) of each scene's first shuffled versions, this many
-# times each: none in the shipped recipe (2 versions x 2 raised the scene count by 0.08: training history, item 34)
+# times each: none in the shipped recipe (3 versions x 2 raised the scene count by 0.16-0.18 on held-out scenes and
+# cost presence answers: training history, item 34)
 POLISH_COUNT_VERSIONS = 0
 POLISH_COUNT_COPIES = 0
 SCENE_COUNT_PREFIXES = ("How many ", "Count the ")  # domain_data.synthetic.qa.scene_questions' count questions
@@ -292,17 +293,21 @@ def presence_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
 
     In a whole-study conversation the report's ~170 answer tokens outweigh the five one-token presence
     answers about twenty to one under the token-mean loss; alone, they carry all of it."""
-    tag, questions = _question_pairs(record)
-    kept = [(question, answer) for question, answer in questions if answer["value"] in PRESENCE_ANSWERS]
-    return _reordered_version(record, tag, kept, "p") if kept else None
+    return _kept_version(record, lambda question, answer: answer in PRESENCE_ANSWERS, "p")
 
 
 def count_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
     """A satellite scene conversation cut down to its count turns (:data:`SCENE_COUNT_PREFIXES`), in their
     order, the image tag in front of the first; id ``ID_n``. None when it has no such turn."""
+    return _kept_version(record, lambda question, answer: question.startswith(SCENE_COUNT_PREFIXES), "n")
+
+
+def _kept_version(record: dict[str, Any], keep: Callable[[str, str], bool], suffix: str) -> dict[str, Any] | None:
+    """``record`` cut down to the turns for which ``keep(question, answer)`` holds, in their order, the image
+    tag in front of the first; id ``ID_suffix``. None when no turn is kept."""
     tag, questions = _question_pairs(record)
-    kept = [(question, answer) for question, answer in questions if question.startswith(SCENE_COUNT_PREFIXES)]
-    return _reordered_version(record, tag, kept, "n") if kept else None
+    kept = [(question, answer) for question, answer in questions if keep(question, answer["value"])]
+    return _reordered_version(record, tag, kept, suffix) if kept else None
 
 
 def _is_early_version(record: dict[str, Any], versions: int) -> bool:

@@ -30,13 +30,15 @@ and the held-out sets its model card is scored on:
   ``vision_needles_train.json``, which a stage 2 may list beside ``single_train.json`` for a needle-rich
   warm-up (items 25-27); ``--no-scene-tokens`` leaves the tiles and NIAH images
   without per-token targets (:func:`add_scene_token_labels`); ``--centre-tokens`` adds each tile's object
-  centres per cell (:func:`tile_centre_labels`) and ``--vision-tile-scenes N`` the tiles of N extra scenes
-  (:func:`vision_tile_records`, also in words in ``vision_tiles_train.json``), both off in the shipped
-  recipe (item 32); ``--tile-copies N`` writes N copies of the training tiles that hold objects to
-  ``tiles_with_objects_train.json`` for a tile-rich stage 2 (:func:`tiles_with_objects_records`; off in the
-  shipped recipe, items 32-34), and ``vision_tiles_replay.json`` holds stage 1's tile records with
-  ``--tile-replay N`` of its other records drawn in, for a stage 1b that teaches the tower to count
-  (:func:`tile_replay_records`; items 33-34); ``--slab-presence`` first asks each CT image
+  centres per cell (:func:`tile_centre_labels`; off in the shipped recipe, item 32);
+  ``vision_tiles_replay.json`` (for a stage 1b that teaches the tower to count) holds every tile record,
+  the build's and those of ``--vision-tile-scenes N`` extra scenes (:func:`vision_tile_records`; stage 1's
+  ``vision_train.json`` never holds them), with ``--tile-replay N`` of stage 1's other records drawn in
+  (:func:`tile_replay_records`), and ``vision_tiles_train.json`` the extra tiles in words for a stage 2;
+  ``--tile-copies N`` writes N copies of the training tiles that hold objects to
+  ``tiles_with_objects_train.json`` for a tile-rich stage 2 (:func:`tiles_with_objects_records`); all three
+  off in the shipped recipes (the five-stage chain of items 33-37 used 1,250, 7,000 and 3);
+  ``--slab-presence`` first asks each CT image
   the five presence questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped
   recipes: item 13).
   It renders the CT
@@ -83,19 +85,22 @@ NIAH_VISION_NEEDLES = 5000
 NEEDLE_ANSWERS_FILE = "vision_needles_train.json"
 NIAH_VISION_INDEX_BASE = 10_000_000  # haystack indices of those needles: far from the pool and the records'
 # extra satellite tiles (each scene 2 x 2 tiles of 336 px, drawn like the build's: 0-5 objects of each kind
-# clustered in one tile) for the vision stage: none in the shipped recipe (training history, items 32-34)
+# clustered in one tile) for a stage 1b (labelled, in VISION_TILES_REPLAY_FILE) and a stage 2 (in words, in
+# VISION_TILES_FILE), never for stage 1 (weighted there they cost the needle's shape: training history, item 36);
+# none in the shipped recipes (items 32-37)
 VISION_TILE_SCENES = 0
 VISION_TILE_SIDE = 672
 VISION_TILE_SEED_BASE = 3_000_000_000  # scene seeds far from the build's item seeds and the NIAH pools'
 VISION_TILES_FILE = "vision_tiles_train.json"
 VISION_TILE_SCENES_FILE = "rs_vision_scenes.jsonl"
 # stage 2 sees the training scenes' tiles that hold objects this many extra times: otherwise ~260 of its 4,800
-# images are such tiles and its language model answers "0, 0, 0" for every tile (training history, item 32)
+# images are such tiles and its language model answers "0, 0, 0" for every tile (training history, items 32-34)
 TILES_WITH_OBJECTS_COPIES = 0
 TILES_WITH_OBJECTS_FILE = "tiles_with_objects_train.json"
-# a stage 1b (items 33-34; not in the shipped recipes): stage 1's tile records with this many of its other
-# records (CT slabs, needle and haystack images) drawn in as a replay, so that steps that teach the tower to
-# count keep what it reads in CT slabs and needles (tiles alone lost the CT answers; 7,000 in item 34)
+# a stage 1b (items 33-37; not in the shipped recipes): every tile record (the build's and the extra scenes')
+# with this many of stage 1's other records (CT slabs, needle and haystack images) drawn in as a replay, so
+# that steps that teach the tower to count keep what it reads in CT slabs and needles (tiles alone lost the CT
+# answers, item 33)
 TILE_REPLAY_RECORDS = 0
 VISION_TILES_REPLAY_FILE = "vision_tiles_replay.json"
 IMAGE_TAG = "<image>"
@@ -879,6 +884,16 @@ def add_scene_token_labels(vision: Sequence[dict[str, Any]], out_dir: str | Path
     return done
 
 
+def _vision_order(records: Sequence[dict[str, Any]], extra: Sequence[dict[str, Any]], seed: int
+                  ) -> list[dict[str, Any]]:
+    """``records`` and then ``extra`` in the vision stages' seeded shuffled order (``records`` as they are
+    without ``extra``)."""
+    if not extra:
+        return list(records)
+    joined = [*records, *extra]
+    return [joined[i] for i in np.random.default_rng([seed, 19]).permutation(len(joined))]
+
+
 def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed: int = 0,
                                vision_needles: int = NIAH_VISION_NEEDLES, render: dict[str, Any] | None = None,
                                slab_presence: bool = SLAB_PRESENCE, token_grid: int | None = DEMO_TOKEN_GRID,
@@ -890,15 +905,16 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
     """``single_train.json`` in ``out_dir`` (:func:`single_image_records`, rendered with ``render``,
     default :data:`DEMO_RENDER`; stage 2) and ``vision_train.json`` (stage 1): the same images with label
     names (:func:`vision_records`), with ``vision_needles`` extra needle images
-    (:func:`vision_needle_records`) and the tiles of ``vision_tile_scenes`` extra scenes
-    (:func:`vision_tile_records`) shuffled in (seeded; the same needles and tiles with their answers in
-    words go to :data:`NEEDLE_ANSWERS_FILE` and :data:`VISION_TILES_FILE`, empty without them), and with
+    (:func:`vision_needle_records`) shuffled in (seeded; the same needles with their answers in words go to
+    :data:`NEEDLE_ANSWERS_FILE`, empty without them; the tiles of ``vision_tile_scenes`` extra scenes,
+    :func:`vision_tile_records`, go to stage 1b's file and in words to :data:`VISION_TILES_FILE`), and with
     ``token_grid`` each CT slab's per-token
     targets on that grid (:func:`add_ct_token_labels`), with ``scene_tokens`` also each tile's and NIAH
     image's (:func:`add_scene_token_labels`; with ``centre_tokens`` each tile's object centres as well).
     :data:`TILES_WITH_OBJECTS_FILE` gets ``tile_copies`` copies of the first's tiles that hold objects
     (:func:`tiles_with_objects_records`; empty with 0), :data:`VISION_TILES_REPLAY_FILE` the tile records of
-    ``vision_train.json`` with ``tile_replay`` of its other records (:func:`tile_replay_records`; stage 1b).
+    ``vision_train.json`` and the extra scenes', labelled alike, with ``tile_replay`` of its other records
+    (:func:`tile_replay_records`; stage 1b).
     Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
     copies = tiles_with_objects_records(records, tile_copies, seed)
@@ -909,19 +925,22 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
     if not tiles:
         (Path(out_dir) / VISION_TILE_SCENES_FILE).unlink(missing_ok=True)
     (Path(out_dir) / VISION_TILES_FILE).write_text(json.dumps(tiles, indent=1) + "\n")
-    vision = records
-    if needles or tiles:
-        vision = records + needles + tiles
-        vision = [vision[i] for i in np.random.default_rng([seed, 19]).permutation(len(vision))]
-    tile_ids = {record["id"] for record in vision if record["conversations"][0]["value"] == TILE_QUESTION}
-    vision = vision_records(vision)
+    # a stage 1b sees every tile (the build's and the extra scenes') with a replay of stage 1's other images;
+    # stage 1 itself sees no extra tiles (their weight there cost the needle's shape: training history, item 36)
+    with_tiles = _vision_order(records, needles + tiles, seed)
+    tile_ids = {record["id"] for record in with_tiles if record["conversations"][0]["value"] == TILE_QUESTION}
+    labelled = vision_records(with_tiles)
     if token_grid:
         render = dict(DEMO_RENDER if render is None else render)
-        add_ct_token_labels(vision, out_dir, render, token_grid)
+        add_ct_token_labels(labelled, out_dir, render, token_grid)
         if scene_tokens:
-            add_scene_token_labels(vision, out_dir, token_grid, canvas=int(render["size"]), centres=centre_tokens)
+            add_scene_token_labels(labelled, out_dir, token_grid, canvas=int(render["size"]), centres=centre_tokens)
+    by_id = {record["id"]: record for record in labelled}
+    if len(by_id) != len(labelled):
+        raise DemoDataError(f"{out_dir}: {len(labelled) - len(by_id)} vision records share an id; rebuild the folder")
+    vision = [by_id[record["id"]] for record in _vision_order(records, needles, seed)]
     (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision, indent=1) + "\n")
-    replay = tile_replay_records(vision, tile_ids, tile_replay, seed)
+    replay = tile_replay_records(labelled, tile_ids, tile_replay, seed)
     (Path(out_dir) / VISION_TILES_REPLAY_FILE).write_text(json.dumps(replay, indent=1) + "\n")
     target = Path(out_dir) / "single_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")
@@ -1040,14 +1059,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="vision_train.json also gives every tile and NIAH image per-token targets, not only "
                         f"the CT slabs (default {'on' if SCENE_TOKEN_TARGETS else 'off'}; training history, item 24)")
     parser.add_argument("--vision-tile-scenes", type=int, default=VISION_TILE_SCENES,
-                        help=f"extra {VISION_TILE_SIDE}-px scenes whose tiles only stage 1 sees, with token targets "
-                        f"(default {VISION_TILE_SCENES}; training history, item 32)")
+                        help=f"extra {VISION_TILE_SIDE}-px scenes whose tiles a stage 1b (with token targets) and a stage 2 "
+                        f"(in words) see, never stage 1 (default {VISION_TILE_SCENES}; training history, items 32-37)")
     parser.add_argument("--tile-copies", type=int, default=TILES_WITH_OBJECTS_COPIES,
                         help=f"copies of the training tiles that hold objects in {TILES_WITH_OBJECTS_FILE} for "
-                        f"stage 2 (default {TILES_WITH_OBJECTS_COPIES}; training history, item 32)")
+                        f"stage 2 (default {TILES_WITH_OBJECTS_COPIES}; training history, items 32-34)")
     parser.add_argument("--tile-replay", type=int, default=TILE_REPLAY_RECORDS,
-                        help=f"stage 1's other records drawn in beside its tiles in {VISION_TILES_REPLAY_FILE} for "
-                        f"a stage 1b (default {TILE_REPLAY_RECORDS}; training history, items 33-34)")
+                        help=f"stage 1's other records drawn in beside the tiles in {VISION_TILES_REPLAY_FILE} for "
+                        f"a stage 1b (default {TILE_REPLAY_RECORDS}; training history, items 33-37)")
     parser.add_argument("--polish-counts", type=int, nargs=2, metavar=("VERSIONS", "COPIES"),
                         default=[POLISH_COUNT_VERSIONS, POLISH_COUNT_COPIES],
                         help="polish_train.json also holds COPIES times the count-only versions of each scene's "

@@ -23,6 +23,7 @@ from finetune.demo_data import (
     TILES_WITH_OBJECTS_FILE,
     VISION_TILE_SCENES_FILE,
     VISION_TILE_SEED_BASE,
+    VISION_TILES_FILE,
     VISION_TILES_REPLAY_FILE,
     DemoDataError,
     add_ct_token_labels,
@@ -390,8 +391,8 @@ def test_vision_needles_are_balanced_new_images_labelled_for_stage_1_and_answere
     pixels = [np.asarray(Image.open(r["images"][0])) for r in needles]
     training = [np.asarray(Image.open(path)) for path in sorted((tiny_build / "niah_train").glob("*.png"))]
     assert not any(np.array_equal(a, b) for a in pixels for b in training)  # no pool or record image again
-    single = write_single_image_records(tiny_build, tmp_path / "cache", vision_needles=8, tile_copies=2,
-                                        tile_replay=5)
+    single = write_single_image_records(tiny_build, tmp_path / "cache", vision_needles=8, vision_tile_scenes=2,
+                                        tile_copies=2, tile_replay=5)
     stage2 = json.loads(single.read_text())
     stage1 = json.loads((tiny_build / "vision_train.json").read_text())
     assert len(stage1) == len(stage2) + 8 and not any("niah_vision" in r["id"] for r in stage2)
@@ -405,13 +406,23 @@ def test_vision_needles_are_balanced_new_images_labelled_for_stage_1_and_answere
     assert vision_records(answered) == plain
     copies = json.loads((tiny_build / TILES_WITH_OBJECTS_FILE).read_text())  # stage 2's extra tiles with objects
     assert copies and copies == tiles_with_objects_records(stage2, 2)
-    stage1b = json.loads((tiny_build / VISION_TILES_REPLAY_FILE).read_text())  # tiles and a replay of the rest
+    # stage 1b: every tile, the build's and the 2 extra scenes' (which stage 1 never sees), and a replay of the rest
+    stage1b = json.loads((tiny_build / VISION_TILES_REPLAY_FILE).read_text())
     tiles = [r for r in stage1 if r["id"].startswith("rs_")]
-    replayed = [r for r in stage1b if not r["id"].startswith("rs_")]
-    assert tiles and sorted(r["id"] for r in stage1b if r["id"].startswith("rs_")) == sorted(r["id"] for r in tiles)
+    extra_tiles = json.loads((tiny_build / VISION_TILES_FILE).read_text())  # the extra tiles in words, for stage 2
+    assert len(extra_tiles) == 8 and not any(r["id"].startswith("rsv_") for r in stage1 + stage2)
+    replayed = [r for r in stage1b if not r["id"].startswith(("rs_", "rsv_"))]
+    assert tiles and sorted(r["id"] for r in stage1b if r["id"].startswith(("rs_", "rsv_"))) == sorted(
+        r["id"] for r in tiles + extra_tiles)
     assert len(replayed) == 5 and all(r in stage1 for r in replayed)
-    assert stage1b[:len(tiles)] != tiles  # shuffled in
-    assert stage1b == tile_replay_records(stage1, {r["id"] for r in tiles}, 5)  # seeded
+    assert all(r in stage1 for r in stage1b if r["id"].startswith("rs_"))  # the same labels and token targets
+    assert all(r["token_labels"] for r in stage1b if r["id"].startswith("rsv_"))
+    assert [r["id"] for r in stage1b][:len(tiles)] != [r["id"] for r in tiles]  # shuffled in
+    again = write_single_image_records(tiny_build, tmp_path / "cache", vision_needles=8, vision_tile_scenes=2,
+                                       tile_copies=2, tile_replay=5)
+    assert json.loads(again.read_text()) == stage2 and json.loads(
+        (tiny_build / VISION_TILES_REPLAY_FILE).read_text()) == stage1b  # seeded
+    assert json.loads((tiny_build / "vision_train.json").read_text()) == stage1
     alone = tile_replay_records(stage1, {r["id"] for r in tiles}, 0)  # no replay: the tiles alone
     assert sorted(r["id"] for r in alone) == sorted(r["id"] for r in tiles)
 
@@ -420,7 +431,17 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     from finetune.demo_data import main
 
     out, cache = tmp_path / "synthetic", tmp_path / "cache"
-    assert main(["--out", str(out), "--scale", "0.004", "--cache-dir", str(cache), "--vision-needles", "500"]) == 0
+    assert main(["--out", str(out), "--scale", "0.004", "--cache-dir", str(cache), "--vision-needles", "500",
+                 "--vision-tile-scenes", "1250", "--tile-copies", "3", "--tile-replay", "7000"]) == 0
+    # at this scale: 5 extra tile scenes (20 tiles, for a stage 1b and a stage 2 only), 3 copies of the tiles
+    # with objects, 28 replayed images in the stage-1b file
+    extra_tiles = json.loads((out / VISION_TILES_FILE).read_text())
+    assert [r["id"] for r in extra_tiles][::4] == [f"rsv_{k:05d}_t11" for k in range(5)] and len(extra_tiles) == 20
+    stage1b_ids = [r["id"] for r in json.loads((out / VISION_TILES_REPLAY_FILE).read_text())]
+    assert sum(not i.startswith(("rs_", "rsv_")) for i in stage1b_ids) == 28
+    assert {r["id"] for r in extra_tiles} <= set(stage1b_ids)
+    tiles_with_objects = json.loads((out / TILES_WITH_OBJECTS_FILE).read_text())
+    assert len(tiles_with_objects) % 3 == 0 and tiles_with_objects
     files = {name: json.loads((out / name).read_text()) for name in (
         "vision_train.json", "single_train.json", "ct_train_shuffled.json", "rs_train_shuffled.json", "niah_train.json",
         "polish_train.json")}
@@ -435,7 +456,8 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     assert sum(i.endswith("_f00") for i in polish_ids) == 4 and sum(i.endswith("_p") for i in polish_ids) == 12
     with pytest.raises(DemoDataError, match="niah_train.json"):
         write_polish_records(out, follow_up_sources=("niah_train.json",))
-    records_only = ["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]
+    records_only = ["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0",
+                    "--vision-tile-scenes", "0", "--tile-copies", "0", "--tile-replay", "0"]
     assert main([*records_only, "--no-scene-tokens"]) == 0
     assert json.loads((out / NEEDLE_ANSWERS_FILE).read_text()) == []  # no extra needles: none to answer
     assert _without_token_labels(out / "vision_train.json") == vision_records(files["single_train.json"])
@@ -453,7 +475,8 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     assert {len(r["conversations"]) for r in asked if r["id"].startswith("ct")} == {12}
     assert _without_token_labels(out / "vision_train.json", scene_tokens=True) == vision_records(
         files["single_train.json"])
-    assert json.loads((out / TILES_WITH_OBJECTS_FILE).read_text()) == []  # default: no extra tile copies
+    assert json.loads((out / TILES_WITH_OBJECTS_FILE).read_text()) == []  # --tile-copies 0: no extra tile copies
+    assert json.loads((out / VISION_TILES_FILE).read_text()) == [] and not (out / VISION_TILE_SCENES_FILE).exists()
     assert main([*records_only, "--tile-copies", "2"]) == 0
     with_objects = [r for r in vision_records(files["single_train.json"]) if r["id"].startswith("rs_") and r["labels"]]
     assert len(json.loads((out / TILES_WITH_OBJECTS_FILE).read_text())) == 2 * len(with_objects) > 0

@@ -456,8 +456,7 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     assert sum(i.endswith("_f00") for i in polish_ids) == 4 and sum(i.endswith("_p") for i in polish_ids) == 12
     with pytest.raises(DemoDataError, match="niah_train.json"):
         write_polish_records(out, follow_up_sources=("niah_train.json",))
-    records_only = ["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0",
-                    "--vision-tile-scenes", "0", "--tile-copies", "0", "--tile-replay", "0"]
+    records_only = ["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]
     assert main([*records_only, "--no-scene-tokens"]) == 0
     assert json.loads((out / NEEDLE_ANSWERS_FILE).read_text()) == []  # no extra needles: none to answer
     assert _without_token_labels(out / "vision_train.json") == vision_records(files["single_train.json"])
@@ -475,7 +474,7 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     assert {len(r["conversations"]) for r in asked if r["id"].startswith("ct")} == {12}
     assert _without_token_labels(out / "vision_train.json", scene_tokens=True) == vision_records(
         files["single_train.json"])
-    assert json.loads((out / TILES_WITH_OBJECTS_FILE).read_text()) == []  # --tile-copies 0: no extra tile copies
+    assert json.loads((out / TILES_WITH_OBJECTS_FILE).read_text()) == []  # default: no extra tile copies
     assert json.loads((out / VISION_TILES_FILE).read_text()) == [] and not (out / VISION_TILE_SCENES_FILE).exists()
     assert main([*records_only, "--tile-copies", "2"]) == 0
     with_objects = [r for r in vision_records(files["single_train.json"]) if r["id"].startswith("rs_") and r["labels"]]

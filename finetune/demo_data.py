@@ -290,6 +290,11 @@ POLISH_NIAH_RECORDS = 200  # the first NIAH training records, replayed once
 POLISH_COUNT_VERSIONS = 0
 POLISH_COUNT_COPIES = 0
 SCENE_COUNT_PREFIXES = ("How many ", "Count the ")  # domain_data.synthetic.qa.scene_questions' count questions
+# location-only versions (a scene's row, column and tile turns alone) of each scene's first shuffled versions, this
+# many times each: none in the shipped recipe (training history, item 38)
+POLISH_LOCATION_VERSIONS = 0
+POLISH_LOCATION_COPIES = 0
+SCENE_LOCATION_PREFIXES = ("Which row ", "Which column ", "Which tile ")  # scene_questions' place questions
 
 
 def presence_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -305,6 +310,13 @@ def count_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
     """A satellite scene conversation cut down to its count turns (:data:`SCENE_COUNT_PREFIXES`), in their
     order, the image tag in front of the first; id ``ID_n``. None when it has no such turn."""
     return _kept_version(record, lambda question, answer: question.startswith(SCENE_COUNT_PREFIXES), "n")
+
+
+def location_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A satellite scene conversation cut down to its row, column and tile turns
+    (:data:`SCENE_LOCATION_PREFIXES`), in their order, the image tag in front of the first; id ``ID_l``. None
+    when it has no such turn (a scene without objects)."""
+    return _kept_version(record, lambda question, answer: question.startswith(SCENE_LOCATION_PREFIXES), "l")
 
 
 def _kept_version(record: dict[str, Any], keep: Callable[[str, str], bool], suffix: str) -> dict[str, Any] | None:
@@ -327,7 +339,8 @@ def polish_records(ct_shuffled: Sequence[dict[str, Any]], rs_shuffled: Sequence[
                    rs_replay_versions: int = POLISH_RS_REPLAY_VERSIONS,
                    niah_records: int = POLISH_NIAH_RECORDS, ct_follow_ups: Sequence[dict[str, Any]] = (),
                    rs_follow_ups: Sequence[dict[str, Any]] = (), count_versions: int = POLISH_COUNT_VERSIONS,
-                   count_copies: int = POLISH_COUNT_COPIES) -> list[dict[str, Any]]:
+                   count_copies: int = POLISH_COUNT_COPIES, location_versions: int = POLISH_LOCATION_VERSIONS,
+                   location_copies: int = POLISH_LOCATION_COPIES) -> list[dict[str, Any]]:
     """The polish stage's records: every whole-study CT conversation cut to its presence turns
     (:func:`presence_only_version`), ``presence_copies`` times; then a replay of the whole-study stage so
     that nothing else is forgotten: each CT study's first ``ct_replay_versions`` and each scene's first
@@ -335,15 +348,22 @@ def polish_records(ct_shuffled: Sequence[dict[str, Any]], rs_shuffled: Sequence[
     given (:func:`follow_up_conversations`: the questions evaluation asks straight after the images but the
     shuffled conversations never do) and the first ``niah_records`` NIAH records; last, ``count_copies``
     times the count-only versions (:func:`count_only_version`) of each scene's first ``count_versions``
-    shuffled conversations. Kept in this order, the inputs' own (seeded) order within each part; the
+    shuffled conversations and ``location_copies`` times the location-only versions
+    (:func:`location_only_version`) of its first ``location_versions``. Kept in this order, the inputs' own (seeded) order within each part; the
     trainer's seeded sampler shuffles them."""
     presence = [version for record in ct_shuffled if (version := presence_only_version(record))]
     ct_replay = [r for r in ct_shuffled if _is_early_version(r, ct_replay_versions)]
     rs_replay = [r for r in rs_shuffled if _is_early_version(r, rs_replay_versions)]
-    counts = [version for record in rs_shuffled if _is_early_version(record, count_versions)
-              and (version := count_only_version(record))]
+    counts = _early_versions(rs_shuffled, count_versions, count_only_version)
+    locations = _early_versions(rs_shuffled, location_versions, location_only_version)
     return (presence * presence_copies + ct_replay + list(ct_follow_ups) + rs_replay + list(rs_follow_ups)
-            + list(niah[:niah_records]) + counts * count_copies)
+            + list(niah[:niah_records]) + counts * count_copies + locations * location_copies)
+
+
+def _early_versions(shuffled: Sequence[dict[str, Any]], versions: int,
+                    cut: Callable[[dict[str, Any]], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """``cut`` of each of the first ``versions`` shuffled conversations of every record, where it keeps a turn."""
+    return [version for record in shuffled if _is_early_version(record, versions) and (version := cut(record))]
 
 
 def write_polish_records(out_dir: str | Path, seed: int = 0, presence_copies: int = POLISH_PRESENCE_COPIES,
@@ -351,7 +371,9 @@ def write_polish_records(out_dir: str | Path, seed: int = 0, presence_copies: in
                          rs_replay_versions: int = POLISH_RS_REPLAY_VERSIONS,
                          niah_records: int = POLISH_NIAH_RECORDS,
                          follow_up_sources: Sequence[str] = POLISH_FOLLOW_UP_SOURCES,
-                         count_versions: int = POLISH_COUNT_VERSIONS, count_copies: int = POLISH_COUNT_COPIES) -> Path:
+                         count_versions: int = POLISH_COUNT_VERSIONS, count_copies: int = POLISH_COUNT_COPIES,
+                         location_versions: int = POLISH_LOCATION_VERSIONS,
+                         location_copies: int = POLISH_LOCATION_COPIES) -> Path:
     """``polish_train.json`` in ``out_dir`` from its ``ct_train_shuffled.json``, ``rs_train_shuffled.json``
     and ``niah_train.json``, with one follow-up version (seeded by ``seed``, as in
     :func:`write_shuffled_records`) of every record of each of ``follow_up_sources`` (:func:`polish_records`)."""
@@ -366,7 +388,7 @@ def write_polish_records(out_dir: str | Path, seed: int = 0, presence_copies: in
                   for name in follow_up_sources}
     records = polish_records(ct, rs, niah, presence_copies, ct_replay_versions, rs_replay_versions, niah_records,
                              follow_ups.get("ct_train.json", ()), follow_ups.get("rs_train.json", ()),
-                             count_versions, count_copies)
+                             count_versions, count_copies, location_versions, location_copies)
     target = Path(out_dir) / "polish_train.json"
     target.write_text(json.dumps(records, indent=1) + "\n")
     return target
@@ -1000,7 +1022,9 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                     vision_tile_scenes: int = VISION_TILE_SCENES,
                     tile_copies: int = TILES_WITH_OBJECTS_COPIES,
                     tile_replay: int = TILE_REPLAY_RECORDS,
-                    polish_counts: tuple[int, int] = (POLISH_COUNT_VERSIONS, POLISH_COUNT_COPIES)) -> dict[str, Any]:
+                    polish_counts: tuple[int, int] = (POLISH_COUNT_VERSIONS, POLISH_COUNT_COPIES),
+                    polish_locations: tuple[int, int] = (POLISH_LOCATION_VERSIONS, POLISH_LOCATION_COPIES),
+                    ) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
     both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``)."""
     from domain_data.synthetic.build import build_synthetic_sets
@@ -1012,7 +1036,8 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     build_niah_train(out_dir, n_records=max(1, round(NIAH_TRAIN_RECORDS * scale)),
                      pool_size=max(40, round(NIAH_POOL_SIZE * scale)), seed=seed)
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
-    write_polish_records(out_dir, seed, count_versions=polish_counts[0], count_copies=polish_counts[1])
+    write_polish_records(out_dir, seed, count_versions=polish_counts[0], count_copies=polish_counts[1],
+                         location_versions=polish_locations[0], location_copies=polish_locations[1])
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence,
                                scene_tokens=scene_tokens, centre_tokens=centre_tokens,
                                vision_tile_scenes=round(vision_tile_scenes * scale), tile_copies=tile_copies,
@@ -1071,6 +1096,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=[POLISH_COUNT_VERSIONS, POLISH_COUNT_COPIES],
                         help="polish_train.json also holds COPIES times the count-only versions of each scene's "
                         "first VERSIONS shuffled conversations (default 0 0; training history, item 34)")
+    parser.add_argument("--polish-locations", type=int, nargs=2, metavar=("VERSIONS", "COPIES"),
+                        default=[POLISH_LOCATION_VERSIONS, POLISH_LOCATION_COPIES],
+                        help="polish_train.json also holds COPIES times the location-only versions (row, column and "
+                        "tile turns) of each scene's first VERSIONS shuffled conversations (default 0 0; training "
+                        "history, item 38)")
     parser.add_argument("--centre-tokens", action=argparse.BooleanOptionalAction, default=TILE_CENTRE_TARGETS,
                         help="with --scene-tokens, every tile's cells also name the object centres they hold "
                         "(tile <objects> centres >= 1, >= 2), so the tokens add up to the tile's count (default "
@@ -1082,7 +1112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.records_only:
         written = write_shuffled_records(args.out, args.seed, follow_up_copies=args.follow_up_copies) + [
             write_polish_records(args.out, args.seed, count_versions=args.polish_counts[0],
-                                 count_copies=args.polish_counts[1]),
+                                 count_copies=args.polish_counts[1], location_versions=args.polish_locations[0],
+                                 location_copies=args.polish_locations[1]),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence, scene_tokens=args.scene_tokens,
                                        centre_tokens=args.centre_tokens,
@@ -1094,7 +1125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
                                args.vision_needles, render, args.slab_presence, args.scene_tokens,
                                args.centre_tokens, args.vision_tile_scenes, args.tile_copies, args.tile_replay,
-                               tuple(args.polish_counts))
+                               tuple(args.polish_counts), tuple(args.polish_locations))
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

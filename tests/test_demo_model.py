@@ -33,6 +33,7 @@ from finetune.demo_data import (
     count_only_version,
     ct_token_label_names,
     follow_up_conversations,
+    location_only_version,
     needle_token_label_names,
     needle_token_labels,
     polish_records,
@@ -285,6 +286,23 @@ def test_presence_only_versions_keep_the_yes_no_turns_and_the_polish_replays_the
     with_counts = polish_records([record], [scene, dict(scene, id="r2_c01")], niah, 1, 1, 0, 0, count_versions=1,
                                  count_copies=2)
     assert [r["id"] for r in with_counts] == ["s1_c00_p", "s1_c00", "r2_c00_n", "r2_c00_n"]
+    # location-only versions (row, column, tile turns) go after them, location_copies times
+    located = dict(_conversation("Which tile contains ships? Answer as row R, column C.", "row 2, column 1",
+                                 "Count the ships in this image. Answer with a number.", "3",
+                                 "Which row of tiles (1 = top) contains ships? Answer with the row number(s).", "2",
+                                 "Which column of tiles (1 = left) contains ships? Answer with the column number(s).",
+                                 "1"), id="r3_c00")
+    places = location_only_version(located)
+    assert places["id"] == "r3_c00_l" and [t["value"] for t in places["conversations"]] == [
+        "<image>\nWhich tile contains ships? Answer as row R, column C.", "row 2, column 1",
+        "Which row of tiles (1 = top) contains ships? Answer with the row number(s).", "2",
+        "Which column of tiles (1 = left) contains ships? Answer with the column number(s).", "1"]
+    assert location_only_version(_conversation("Count the ships in this image. Answer with a number.", "0")) is None
+    with_places = polish_records([record], [located, dict(located, id="r3_c01"), dict(located, id="r3_c02")], niah,
+                                 1, 1, 0, 0, count_versions=1, count_copies=1, location_versions=2,
+                                 location_copies=2)
+    assert [r["id"] for r in with_places] == ["s1_c00_p", "s1_c00", "r3_c00_n", "r3_c00_l", "r3_c01_l",
+                                              "r3_c00_l", "r3_c01_l"]
 
 
 def test_split_per_question_rejects_broken_conversations(tmp_path):
@@ -467,6 +485,11 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     with_counts = json.loads((out / "polish_train.json").read_text())
     assert with_counts[:len(polish)] == polish and [r["id"] for r in with_counts[len(polish):]] == [
         "rs_train_0000_c00_n", "rs_train_0001_c00_n"] * 2
+    assert main([*records_only, "--polish-locations", "1", "1"]) == 0  # a place polish: each scene's row/column/tile
+    with_places = json.loads((out / "polish_train.json").read_text())
+    placed = [r["id"] + "_l" for r in json.loads((out / "rs_train_shuffled.json").read_text())
+              if r["id"].endswith("_c00") and any(t["value"].startswith("Which row ") for t in r["conversations"])]
+    assert placed and with_places[:len(polish)] == polish and [r["id"] for r in with_places[len(polish):]] == placed
     assert _without_token_labels(out / "vision_train.json", scene_tokens=True) == vision_records(
         files["single_train.json"])
     assert main([*records_only, "--slab-presence"]) == 0

@@ -349,8 +349,8 @@ def polish_records(ct_shuffled: Sequence[dict[str, Any]], rs_shuffled: Sequence[
     shuffled conversations never do) and the first ``niah_records`` NIAH records; last, ``count_copies``
     times the count-only versions (:func:`count_only_version`) of each scene's first ``count_versions``
     shuffled conversations and ``location_copies`` times the location-only versions
-    (:func:`location_only_version`) of its first ``location_versions``. Kept in this order, the inputs' own (seeded) order within each part; the
-    trainer's seeded sampler shuffles them."""
+    (:func:`location_only_version`) of its first ``location_versions``. Kept in this order, the inputs' own
+    (seeded) order within each part; the trainer's seeded sampler shuffles them."""
     presence = [version for record in ct_shuffled if (version := presence_only_version(record))]
     ct_replay = [r for r in ct_shuffled if _is_early_version(r, ct_replay_versions)]
     rs_replay = [r for r in rs_shuffled if _is_early_version(r, rs_replay_versions)]

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from finetune.layer_probe import PROBE_C
 from finetune.vision_probe import SCENES_FILE, _table, write_probe_result
 
 RESULT_FILE = "place_probe.json"
@@ -38,7 +39,6 @@ TRAIN_SCENES_FILE = "rs_train_scenes.jsonl"
 KINDS = ("ship", "storage tank", "building")
 PLURALS = {"ship": "ships", "storage tank": "storage tanks", "building": "buildings"}
 ROW_QUESTION = "Which row of tiles (1 = top) contains {plural}? Answer with the row number(s)."  # qa.scene_questions
-PROBE_C = 0.05  # strong L2 regularisation, as finetune.layer_probe
 
 
 def read_scenes(path: Path, limit: int) -> list[dict[str, Any]]:
@@ -144,16 +144,11 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 
 
 def probe_auc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float | None:
-    """Held-out ROC AUC of a binary logistic probe; None where a split has one class only."""
-    from sklearn.linear_model import LogisticRegression
+    """Held-out ROC AUC of a binary logistic probe (:func:`finetune.layer_probe.probe_aucs`, one column);
+    None where a split has one class only."""
+    from finetune.layer_probe import probe_aucs
 
-    from finetune.vision_probe import auc_or_none
-
-    if len(set(train_y.tolist())) < 2:
-        return None
-    train_z, test_z = _standardised(train_x, test_x)
-    classifier = LogisticRegression(C=PROBE_C, max_iter=2000).fit(train_z, train_y)
-    return auc_or_none(test_y.tolist(), classifier.decision_function(test_z).tolist())
+    return probe_aucs(train_x, train_y[:, None], test_x, test_y[:, None])[0]
 
 
 def layer_figures(train: dict[str, Any], test: dict[str, Any], layer: int) -> dict[str, Any]:

@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from domain_data.synthetic.qa import SCENE_ROW_QUESTION
+from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS
 from finetune.layer_probe import PROBE_C
 from finetune.vision_probe import SCENES_FILE, _table, write_probe_result
 
 RESULT_FILE = "place_probe.json"
 TRAIN_SCENES_FILE = "rs_train_scenes.jsonl"
-KINDS = ("ship", "storage tank", "building")
-PLURALS = {"ship": "ships", "storage tank": "storage tanks", "building": "buildings"}
-ROW_QUESTION = "Which row of tiles (1 = top) contains {plural}? Answer with the row number(s)."  # qa.scene_questions
 
 
 def read_scenes(path: Path, limit: int) -> list[dict[str, Any]]:
@@ -67,7 +66,7 @@ def question_record(scene: dict[str, Any], kind: str, root: Path) -> dict[str, A
     """A FIT-RSFG benchmark line asking ``kind``'s row (the answer is not used); the image made absolute."""
     return {"question_id": f"{scene['id']}_{kind.replace(' ', '_')}", "image": str((root / scene["image"]).resolve()),
             "layout": "grid", "category": "row", "ground_truth": "?",
-            "question": ROW_QUESTION.format(plural=PLURALS[kind])}
+            "question": SCENE_ROW_QUESTION.format(plural=PLURALS[kind])}
 
 
 def tile_blocks(n_image_tokens: int, tokens_per_image: int, grid: tuple[int, int], where: str) -> int:
@@ -91,7 +90,7 @@ def scene_states(model: Any, processor: Any, scenes: Sequence[dict[str, Any]], r
 
     from finetune.evaluate import item_prompt, load_fitrsfg_items
 
-    questions = [(scene, kind) for scene in scenes for kind in KINDS if kind in scene_places(scene)[1]]
+    questions = [(scene, kind) for scene in scenes for kind in OBJECT_KINDS if kind in scene_places(scene)[1]]
     bench = work / f"{split}_questions.jsonl"
     bench.write_text("".join(json.dumps(question_record(s, k, root)) + "\n" for s, k in questions))
     items = load_fitrsfg_items(str(bench), render)
@@ -116,7 +115,7 @@ def scene_states(model: Any, processor: Any, scenes: Sequence[dict[str, Any]], r
             tiles.append(image_states[:, start:start + per_image].mean(1).float().numpy())  # (L+1, H)
             row, col = divmod(index, grid[1])  # tiles row by row from the top-left
             tile_labels.append({"row": row + 1, "col": col + 1,
-                                **{kind: places.get(kind) == (row + 1, col + 1) for kind in KINDS}})
+                                **{name: places.get(name) == (row + 1, col + 1) for name in OBJECT_KINDS}})
     return {"answer": np.stack(answer), "answer_place": np.array(answer_place), "tiles": np.stack(tiles),
             "tile_labels": tile_labels}
 
@@ -162,7 +161,7 @@ def layer_figures(train: dict[str, Any], test: dict[str, Any], layer: int) -> di
         labels = [np.array([t[key] for t in split["tile_labels"]]) for split in (train, test)]
         figures[f"tile {name}"], figures[f"tile {name} majority"] = probe_accuracy(
             train["tiles"][:, layer], labels[0], test["tiles"][:, layer], labels[1])
-    for kind in KINDS:
+    for kind in OBJECT_KINDS:
         holds = [np.array([t[kind] for t in split["tile_labels"]]) for split in (train, test)]
         figures[f"tile {kind}"] = probe_auc(train["tiles"][:, layer], holds[0], test["tiles"][:, layer], holds[1])
     return figures
@@ -194,7 +193,7 @@ def place_probe(model_path: str, train_data: str | Path, data: str | Path, n_tra
 
 
 def format_table(result: dict[str, Any]) -> str:
-    columns = ["answer row", "answer column", "tile row", "tile column", *(f"tile {kind}" for kind in KINDS)]
+    columns = ["answer row", "answer column", "tile row", "tile column", *(f"tile {kind}" for kind in OBJECT_KINDS)]
     rows = [[index, *(layer[c] for c in columns)] for index, layer in enumerate(result["layers"])]
     first = result["layers"][0]
     majority = ["majority", *(first.get(f"{c} majority") for c in columns[:4]), None, None, None]

@@ -31,6 +31,7 @@ from domain_data.synthetic.ct_phantom import LATERAL_FINDINGS, RENDERABLE_FINDIN
 from domain_data.synthetic.satellite import OBJECT_KINDS, PLURALS, Scene
 
 IMAGE_PLACEHOLDER = "<image>"
+SCENE_ROW_QUESTION = "Which row of tiles (1 = top) contains {plural}? Answer with the row number(s)."
 
 _PHRASE = {
     "Lung nodule": ("a lung nodule", "lung nodules"),
@@ -241,7 +242,7 @@ def scene_questions(
         rows, cols = sorted({r for r, _ in tiles}), sorted({c for _, c in tiles})
         questions.append(
             _q(
-                f"Which row of tiles (1 = top) contains {plural}? Answer with the row number(s).",
+                SCENE_ROW_QUESTION.format(plural=plural),
                 _join_numbers(rows),
                 "row",
                 object=kind,

@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
+from domain_data.synthetic.satellite import OBJECT_KINDS
 from finetune import FinetuneError
-from finetune.place_probe import KINDS, main, probe_accuracy, probe_auc, scene_places, tile_blocks
+from finetune.place_probe import main, probe_accuracy, probe_auc, scene_places, tile_blocks
 
 
 def test_tile_blocks_find_the_tiles_after_an_optional_thumbnail() -> None:
@@ -57,7 +58,7 @@ def test_place_probe_cli_on_a_tiny_model(tmp_path, capsys) -> None:
     config = json.loads((model / "config.json").read_text())
     assert len(result["layers"]) == config["text_config"]["num_hidden_layers"] + 1
     for layer in result["layers"]:
-        for name in ("answer row", "tile row", "tile column", *(f"tile {kind}" for kind in KINDS)):
+        for name in ("answer row", "tile row", "tile column", *(f"tile {kind}" for kind in OBJECT_KINDS)):
             assert layer[name] is None or 0.0 <= layer[name] <= 1.0, name
     assert "answer row" in capsys.readouterr().out
     with pytest.raises(FinetuneError, match="rs_test_scenes.jsonl is missing"):

@@ -155,6 +155,13 @@ class LongLlavaConfig(LlavaConfig):
     ``pooled_grid``: side of the pooled patch grid (12 for the real models: 24x24 -> 12x12).
     ``tokens_per_image`` = ``pooled_grid ** 2``: how many ``<image>`` tokens each image occupies.
     ``image_token_id`` (alias of LLaVA's ``image_token_index``): id of ``<image>`` in the tokenizer.
+
+    Grid places (not in the paper; off, ``grid_places = 0``, for its models): with ``grid_places = N`` a
+    learned row vector and column vector (``N`` of each) are added to every token of each tile of a
+    protocol grid (longllava.modeling.grid_image_places), so that the language model, which has no
+    positional encoding, sees which tile a token comes from. ``grid_newline_id`` and ``grid_separator_ids``
+    are the tokenizer's ids of the newline between rows and of the tokens around each image block
+    (``<img>``, ``</img>``); ``grid_place_norm`` is the norm each place vector starts at.
     """
 
     model_type = "longllava"
@@ -177,10 +184,19 @@ class LongLlavaConfig(LlavaConfig):
     pooled_grid: int = 12
     projector_type: str = "mlp2x_gelu"
     pooling: str = "bilinear_2d"
+    grid_places: int = 0
+    grid_newline_id: int = -1
+    grid_separator_ids: list[int] | None = None
+    grid_place_norm: float = 8.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.pooled_grid, bool) or not isinstance(self.pooled_grid, int) or self.pooled_grid < 1:
             raise ValueError(f"pooled_grid must be a positive integer, got {self.pooled_grid!r}")
+        if isinstance(self.grid_places, bool) or not isinstance(self.grid_places, int) or self.grid_places < 0:
+            raise ValueError(f"grid_places must be an integer >= 0, got {self.grid_places!r}")
+        if self.grid_places and (self.grid_newline_id < 0 or not self.grid_separator_ids):
+            raise ValueError("grid_places needs grid_newline_id and grid_separator_ids (the tokenizer's ids of the "
+                             "newline between grid rows and of <img>, </img>)")
         super().__post_init__(**kwargs)
         self.image_seq_length = self.pooled_grid**2
 

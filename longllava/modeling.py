@@ -13,6 +13,9 @@ and a language model built from ``config.text_config`` = Jamba) and writes image
 * :meth:`LongLlavaModel.get_placeholder_mask`: a count mismatch raises :class:`ModelInputError`
   saying how many ``<image>`` tokens and images there are.
 * the config class (``model_type = "longllava"``) and Auto-class registration.
+* optional grid places (``config.grid_places > 0``, not in the paper): a learned row and column vector
+  added to every token of each tile of a protocol grid (:func:`grid_image_places`,
+  :meth:`LongLlavaModel.add_grid_places`), in ``forward`` and in longllava.session's prefill.
 
 Pre-encoded images (streaming encoders) can be passed to ``forward`` as
 ``mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}`` where
@@ -205,11 +208,127 @@ def init_mamba_time_steps(model: nn.Module, seed: int = 0, dt_range: tuple[float
     return len(mixers)
 
 
+def _image_blocks(input_ids: torch.Tensor, image_token_id: int) -> tuple[list[int], list[int]]:
+    """Start and end (exclusive) positions of each run of image tokens in (seq,) ``input_ids``."""
+    is_image = (input_ids == image_token_id).long()
+    edges = torch.diff(is_image, prepend=is_image.new_zeros(1), append=is_image.new_zeros(1))
+    return torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist()
+
+
+def _grid_rows(segments: list[list[int]]) -> list[tuple[int, int, int]]:
+    """(image, row, column) of the tiles of one run of image blocks split into newline-separated
+    ``segments`` (block indices): ``thumbnail \n row \n row ...`` or ``row \n row ...`` with rows of
+    equal length (longllava.protocol.grid_prompt); none when the run is not such a grid."""
+    if len(segments) < 2:
+        return []
+    if len(segments[0]) == 1 and len({len(row) for row in segments[1:]}) == 1:
+        rows = segments[1:]  # a single block before equal rows: the thumbnail (the protocol always writes one)
+    elif len({len(row) for row in segments}) == 1:
+        rows = segments
+    else:
+        return []
+    return [(image, r + 1, c + 1) for r, row in enumerate(rows) for c, image in enumerate(row)]
+
+
+def grid_image_places(input_ids: torch.Tensor, image_token_id: int, newline_id: int,
+                      separator_ids: Sequence[int]) -> torch.Tensor:
+    """(seq,) token ids -> (n_images, 2): the 1-based (row, column) of every image that is a tile of a
+    protocol grid, (0, 0) for every other image (a grid's thumbnail, series frames, separate images).
+
+    A grid is a run of image blocks joined only by ``separator_ids`` (``</img><img>``: next column) or by
+    them around one ``newline_id`` (next row), as :func:`longllava.protocol.grid_prompt` writes it
+    without tile labels. A run whose first newline-separated part is a single image followed by rows of
+    equal length reads as thumbnail + rows (a 1-column grid without a thumbnail reads the same way)."""
+    starts, ends = _image_blocks(input_ids, image_token_id)
+    places = torch.zeros(len(starts), 2, dtype=torch.long)
+    separators = set(int(i) for i in separator_ids)
+    run: list[list[int]] = [[0]] if starts else []
+    runs = [run]
+    for index in range(1, len(starts)):
+        gap = input_ids[ends[index - 1]:starts[index]].tolist()
+        newlines = gap.count(newline_id)
+        if newlines <= 1 and all(token in separators or token == newline_id for token in gap):
+            if newlines:
+                run.append([index])
+            else:
+                run[-1].append(index)
+        else:
+            run = [[index]]
+            runs.append(run)
+    for segments in runs:
+        for image, row, col in _grid_rows(segments):
+            places[image] = torch.tensor([row, col])
+    return places
+
+
+def enable_grid_places(model: nn.Module, grid_places: int, newline_id: int, separator_ids: Sequence[int],
+                       norm: float = 8.0, seed: int = 0) -> None:
+    """Give a LongLlava model without them grid place vectors (``config.grid_places``): ``grid_places``
+    rows and columns, random directions of length ``norm`` (seeded), written to its config."""
+    body = model.model if isinstance(model, LongLlavaForConditionalGeneration) else model
+    if body.grid_place_embeddings is not None:
+        raise ModelInputError(f"the model already has grid places (grid_places={body.config.grid_places})")
+    for config in {id(c): c for c in (model.config, body.config)}.values():
+        config.grid_newline_id, config.grid_separator_ids = int(newline_id), [int(i) for i in separator_ids]
+        config.grid_places, config.grid_place_norm = int(grid_places), float(norm)
+    body.config.validate()
+    hidden = body.config.text_config.hidden_size
+    weight = body.get_input_embeddings().weight
+    body.grid_place_embeddings = nn.Parameter(_place_vectors(grid_places, hidden, norm, seed).to(weight))
+
+
+def _place_vectors(grid_places: int, hidden: int, norm: float, seed: int) -> torch.Tensor:
+    """(2, grid_places, hidden): row vectors then column vectors, random directions of length ``norm``."""
+    vectors = torch.randn(2, grid_places, hidden, generator=torch.Generator().manual_seed(seed))
+    return vectors * (norm / vectors.norm(dim=-1, keepdim=True))
+
+
 class LongLlavaModel(LlavaModel):
     """LLaVA body with LongLLaVA's pooled image features (see module docstring)."""
 
     config_class = LongLlavaConfig
     config: LongLlavaConfig
+
+    def __init__(self, config: LongLlavaConfig):
+        super().__init__(config)
+        self.grid_place_embeddings = None
+        if config.grid_places:
+            hidden = config.text_config.hidden_size
+            self.grid_place_embeddings = nn.Parameter(_place_vectors(config.grid_places, hidden,
+                                                                     config.grid_place_norm, seed=0))
+
+    def add_grid_places(self, image_features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """image_features (n_images, tokens_per_image, H) of the images of ``input_ids`` (batch, seq), in
+        order -> the same with each grid tile's row and column vectors added (unchanged without grid places).
+        Places past ``grid_places`` use the last vector."""
+        if self.grid_place_embeddings is None:
+            return image_features
+        config = self.config
+        places = torch.cat([grid_image_places(ids, config.image_token_id, config.grid_newline_id,
+                                              config.grid_separator_ids) for ids in input_ids.reshape(-1, input_ids.shape[-1]).cpu()])
+        if len(places) != len(image_features):
+            raise ModelInputError(f"the prompt has {len(places)} image blocks but {len(image_features)} images were "
+                                  "given: use one <image> placeholder per image and expand it with LongLlavaProcessor")
+        places = places.to(image_features.device)
+        table = self.grid_place_embeddings.to(image_features.dtype)
+        index = (places - 1).clamp(0, config.grid_places - 1)  # (n, 2)
+        vectors = table[0, index[:, 0]] + table[1, index[:, 1]]  # (n, H)
+        vectors = vectors * (places[:, :1] > 0)  # images that are not grid tiles get nothing
+        return image_features + vectors[:, None, :]
+
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                mm_encoder_outputs: dict | None = None, **kwargs):
+        """LlavaModel.forward, with grid places added to the image features first (when the model has them)."""
+        encoded = (mm_encoder_outputs or {}).get("image")
+        if self.grid_place_embeddings is not None and input_ids is not None and (
+                pixel_values is not None or encoded is not None):
+            if encoded is None:
+                encoded = self.get_image_features(pixel_values=pixel_values, return_dict=True)
+            stacked = torch.stack(tuple(encoded.pooler_output))  # (n, tokens_per_image, H)
+            encoded.pooler_output = tuple(self.add_grid_places(stacked, input_ids).unbind(0))
+            mm_encoder_outputs, pixel_values = {**(mm_encoder_outputs or {}), "image": encoded}, None
+        return super().forward(input_ids=input_ids, pixel_values=pixel_values,
+                               mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
     @merge_with_config_defaults
     @can_return_tuple

@@ -219,6 +219,7 @@ class LongContextSession:
         (every position with ``all_logits``: (1, n, vocab), meant for tests on small prompts).
         """
         input_ids, image_tokens = self._check_prompt(input_ids, image_features)
+        image_tokens = self._with_grid_places(input_ids, image_tokens)
         from transformers.cache_utils import DynamicCache
 
         cache = cache if cache is not None else DynamicCache(config=self.language_model.config)
@@ -256,6 +257,16 @@ class LongContextSession:
             )
         hidden = image_features.shape[-1]
         return input_ids.to(self.device), image_features.reshape(-1, hidden).to(self.device, self._dtype)
+
+    def _with_grid_places(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """image_tokens (n_images * tokens_per_image, hidden) with the model's grid places added (if it has them:
+        longllava.modeling.LongLlavaModel.add_grid_places), from the whole prompt before it is chunked."""
+        add = getattr(self.model.model, "add_grid_places", None)
+        if add is None or getattr(self.model.model, "grid_place_embeddings", None) is None:
+            return image_tokens
+        hidden = image_tokens.shape[-1]
+        per_image = image_tokens.reshape(-1, self.tokens_per_image, hidden)  # (n_images, tokens_per_image, hidden)
+        return add(per_image, input_ids).reshape(-1, hidden)
 
     def _chunk_embeddings(
         self, chunk_ids: torch.Tensor, image_tokens: torch.Tensor, image_row: int

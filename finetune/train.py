@@ -69,6 +69,11 @@ class Recipe:
     train_vision_tower: bool = False  # the paper keeps CLIP frozen; a model trained from scratch may not
     projector_init_head: str | None = None  # a stage-'vision' output_dir: its label head seeds the projector
     projector_init_scale: float = 0.25
+    # give a base model without them grid place vectors for this many rows / columns (longllava.config; 0: none)
+    grid_places: int = 0
+    grid_place_norm: float = 8.0
+    # full mode: of what the stage trains, only the parameters whose names contain one of these (none: all of it)
+    train_only: list[str] = field(default_factory=list)
     # stage vision: weight of the per-token loss of records with token_labels (0: those targets are not used)
     vision_token_loss_weight: float = 0.0
     # stage vision: label-name prefix -> weight of those labels' loss terms (others 1), e.g. {"niah shape": 4}
@@ -122,6 +127,14 @@ class Recipe:
                 "stage (a LoRA adapter is saved against the unchanged base); set mode: full and stage sft, "
                 "align or multi, or drop projector_init_head"
             )
+        if self.grid_places and (self.mode != "full" or self.stage not in ("sft", "multi")):
+            raise FinetuneError(
+                f"recipe {self.name}: grid_places adds weights that a full sft / multi run trains; set mode: full "
+                "and stage: sft or multi, or drop grid_places"
+            )
+        if self.train_only and self.mode != "full":
+            raise FinetuneError(f"recipe {self.name}: train_only picks parameters of a full fine-tune; set mode: full "
+                                "or drop train_only (LoRA trains its adapters)")
         if not self.train_data:
             raise FinetuneError(f"recipe {self.name}: train_data is empty; give one or more .json/.jsonl files")
         if self.stage != "multi" and self.replay_ratio:
@@ -276,6 +289,19 @@ def set_stage_trainable(model: Any, stage: str, train_vision_tower: bool = False
             parameter.requires_grad_(True)
 
 
+def keep_only_trainable(model: Any, patterns: Sequence[str], recipe_name: str = "custom") -> None:
+    """Freeze every trainable parameter whose name contains none of ``patterns``; each pattern must name
+    at least one trainable parameter."""
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    for pattern in patterns:
+        if not any(pattern in name for name in trainable):
+            raise FinetuneError(f"recipe {recipe_name}: train_only pattern {pattern!r} names no parameter this stage "
+                                "trains; check the names with model.named_parameters()")
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and not any(pattern in name for pattern in patterns):
+            parameter.requires_grad_(False)
+
+
 def _find_module(model: Any, suffix: str) -> Any:
     for name, module in model.named_modules():
         if name.split(".")[-1] == suffix:
@@ -331,6 +357,8 @@ def prepare_model(recipe: Recipe, model: Any) -> Any:
     """Stage freezing, then LoRA wrapping for ``mode=lora``."""
     _set_use_cache(model, False)
     set_stage_trainable(model, recipe.stage, recipe.train_vision_tower)
+    if recipe.train_only:
+        keep_only_trainable(model, recipe.train_only, recipe.name)
     if recipe.mode == "lora":
         from peft import get_peft_model
 
@@ -646,6 +674,27 @@ def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: 
     return data.ConversationDataset(samples, loader, recipe.max_length, pack=recipe.pack)
 
 
+def add_grid_places(model: Any, processor: Any, recipe: Recipe) -> None:
+    """Give ``model`` the recipe's grid places (longllava.modeling.enable_grid_places, seeded by the recipe),
+    unless it has them already with the same number of places."""
+    from longllava import protocol
+    from longllava.modeling import enable_grid_places
+
+    have = int(getattr(model.config, "grid_places", 0) or 0)
+    if have:
+        if have != recipe.grid_places:
+            raise FinetuneError(f"recipe {recipe.name}: the base model has grid_places={have}, the recipe asks "
+                                f"for {recipe.grid_places}; use the same number or drop grid_places")
+        return
+    tokenizer = processor.tokenizer
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    if len(newline) != 1:
+        raise FinetuneError(f"recipe {recipe.name}: grid_places needs a tokenizer with one token for a newline, "
+                            f"got {newline}")
+    separators = tokenizer.convert_tokens_to_ids([protocol.IMG_START, protocol.IMG_END])
+    enable_grid_places(model, recipe.grid_places, newline[0], separators, recipe.grid_place_norm, recipe.seed)
+
+
 def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """Train as the recipe says; returns the summary written to ``training_summary.json``."""
     import torch
@@ -673,6 +722,8 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
         from finetune.vision import init_projector_from_head
 
         init_projector_from_head(model, recipe.projector_init_head, recipe.projector_init_scale)
+    if recipe.grid_places and not resume:
+        add_grid_places(model, processor, recipe)
     run = _vision_run if recipe.stage == "vision" else _conversation_run
     trainer, dataset, trained, save = run(recipe, model, processor, args, output_dir, callbacks)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)

@@ -13,7 +13,9 @@ from finetune import FinetuneError
 from finetune.merge import load_adapter_model, merge_lora
 from finetune.train import (
     RECIPE_DIR,
+    Recipe,
     attach_tower_feature_cache,
+    keep_only_trainable,
     last_checkpoint,
     load_recipe,
     read_loss_csv,
@@ -21,6 +23,7 @@ from finetune.train import (
     set_stage_trainable,
 )
 from longllava.loading import load_model
+from longllava.modeling import _place_vectors
 
 
 class _Capture(TrainerCallback):
@@ -156,6 +159,15 @@ def test_stages_choose_trainable_parameters(tiny_base):
     assert any("language_model" in n for n in trainable) and not any("vision_tower" in n for n in trainable)
     set_stage_trainable(model, "multi", train_vision_tower=True)
     assert all(p.requires_grad for p in model.parameters())
+    # train_only: of what the stage trains, only the named parameters (here the attention layers)
+    set_stage_trainable(model, "sft")
+    keep_only_trainable(model, ["self_attn"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("language_model" in n and ".self_attn." in n for n in trainable)
+    with pytest.raises(FinetuneError, match="names no parameter"):
+        keep_only_trainable(model, ["self_attn", "vision_tower"])  # frozen by the stage: not a choice here
+    with pytest.raises(FinetuneError, match="train_only"):
+        Recipe(name="x", mode="lora", train_data=["a.json"], train_only=["self_attn"]).validate()
 
 
 def test_recipes_parse_and_overrides_apply(tmp_path):
@@ -177,3 +189,21 @@ def test_recipes_parse_and_overrides_apply(tmp_path):
         load_recipe("nope")
     with pytest.raises(FinetuneError, match="pack must be true or false"):
         load_recipe("demo", ["pack=maybe"])
+
+
+def test_grid_places_recipe_adds_trains_and_saves_the_place_vectors(tmp_path, synthetic_sets, make_recipe):
+    """``grid_places`` gives the base model its row / column vectors (seeded), the run trains them with the
+    language model, and the saved model loads them back; a LoRA recipe cannot ask for them."""
+    recipe = make_recipe(synthetic_sets / "rs_train.json", tmp_path / "run", mode="full", grid_places=3,
+                         max_steps=2, pack=False, max_length=2048, image_cache_dir=str(tmp_path / "cache"),
+                         render={"tile_size": 112, "max_tiles": 4})
+    summary = run_training(recipe)
+    model, _ = load_model(summary["saved_to"])
+    base, _ = load_model(summary["base_model"])
+    assert base.model.grid_place_embeddings is None and model.config.grid_places == 3
+    start = _place_vectors(3, model.config.text_config.hidden_size, recipe.grid_place_norm, recipe.seed)
+    trained = model.model.grid_place_embeddings.detach()
+    assert trained.shape == start.shape and not torch.equal(trained, start)  # they were trained...
+    assert (trained - start).abs().max() < 1.0  # ...from the seeded start
+    with pytest.raises(FinetuneError, match="grid_places"):
+        make_recipe(synthetic_sets / "rs_train.json", tmp_path / "lora", grid_places=3)

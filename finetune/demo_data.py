@@ -294,6 +294,11 @@ SCENE_COUNT_PREFIXES = ("How many ", "Count the ")  # domain_data.synthetic.qa.s
 # many times each: none in the shipped recipe (training history, item 38)
 POLISH_LOCATION_VERSIONS = 0
 POLISH_LOCATION_COPIES = 0
+# the place stage (stage 5, recipe demo_places: the grid places learn where each tile is; training history, item 39):
+# the location-only versions of each scene's first shuffled conversations and a seeded draw of polish records
+PLACES_FILE = "places_train.json"
+PLACES_LOCATION_VERSIONS = 2
+PLACES_REPLAY_RECORDS = 585
 SCENE_LOCATION_PREFIXES = ("Which row ", "Which column ", "Which tile ")  # scene_questions' place questions
 
 
@@ -358,6 +363,29 @@ def polish_records(ct_shuffled: Sequence[dict[str, Any]], rs_shuffled: Sequence[
     locations = _early_versions(rs_shuffled, location_versions, location_only_version)
     return (presence * presence_copies + ct_replay + list(ct_follow_ups) + rs_replay + list(rs_follow_ups)
             + list(niah[:niah_records]) + counts * count_copies + locations * location_copies)
+
+
+def places_records(rs_shuffled: Sequence[dict[str, Any]], polish: Sequence[dict[str, Any]],
+                   location_versions: int = PLACES_LOCATION_VERSIONS, replay_records: int = PLACES_REPLAY_RECORDS,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """The place stage's records: the location-only versions (:func:`location_only_version`) of each scene's
+    first ``location_versions`` shuffled conversations, then ``replay_records`` records of the polish stage
+    (``polish``, drawn seeded; all of them when it has fewer) so that its answers are kept; the trainer's
+    seeded sampler shuffles them."""
+    locations = _early_versions(rs_shuffled, location_versions, location_only_version)
+    drawn = np.random.default_rng([seed, 39]).choice(len(polish), size=min(replay_records, len(polish)), replace=False)
+    return locations + [polish[int(i)] for i in sorted(drawn)]
+
+
+def write_places_records(out_dir: str | Path, seed: int = 0, location_versions: int = PLACES_LOCATION_VERSIONS,
+                         replay_records: int = PLACES_REPLAY_RECORDS) -> Path:
+    """``places_train.json`` in ``out_dir`` (:func:`places_records`) from its ``rs_train_shuffled.json`` and
+    ``polish_train.json``."""
+    rs, polish = (json.loads(_built_file(out_dir, name).read_text())
+                  for name in ("rs_train_shuffled.json", "polish_train.json"))
+    target = Path(out_dir) / PLACES_FILE
+    target.write_text(json.dumps(places_records(rs, polish, location_versions, replay_records, seed), indent=1) + "\n")
+    return target
 
 
 def _early_versions(shuffled: Sequence[dict[str, Any]], versions: int,
@@ -1038,6 +1066,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     write_shuffled_records(out_dir, seed, follow_up_copies=follow_up_copies)
     write_polish_records(out_dir, seed, count_versions=polish_counts[0], count_copies=polish_counts[1],
                          location_versions=polish_locations[0], location_copies=polish_locations[1])
+    write_places_records(out_dir, seed, replay_records=round(PLACES_REPLAY_RECORDS * scale))
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence,
                                scene_tokens=scene_tokens, centre_tokens=centre_tokens,
                                vision_tile_scenes=round(vision_tile_scenes * scale), tile_copies=tile_copies,
@@ -1106,7 +1135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(tile <objects> centres >= 1, >= 2), so the tokens add up to the tile's count (default "
                         f"{'on' if TILE_CENTRE_TARGETS else 'off'}; training history, item 32)")
     parser.add_argument("--records-only", action="store_true",
-                        help="only rewrite an existing build's stage files (*_shuffled.json, single_train.json)")
+                        help="only rewrite an existing build's stage files (*_shuffled.json, polish_train.json, "
+                        f"{PLACES_FILE}, single_train.json)")
     args = parser.parse_args(argv)
     render = dict(DEMO_RENDER, window=args.ct_window)
     if args.records_only:
@@ -1114,6 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_polish_records(args.out, args.seed, count_versions=args.polish_counts[0],
                                  count_copies=args.polish_counts[1], location_versions=args.polish_locations[0],
                                  location_copies=args.polish_locations[1]),
+            write_places_records(args.out, args.seed),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence, scene_tokens=args.scene_tokens,
                                        centre_tokens=args.centre_tokens,

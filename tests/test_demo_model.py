@@ -18,6 +18,8 @@ from finetune.demo_data import (
     DEMO_TOKEN_GRID,
     NEEDLE_ANSWERS_FILE,
     NEEDLE_QUESTION,
+    PLACES_FILE,
+    SCENE_LOCATION_PREFIXES,
     SLICE_QUESTION,
     TILE_QUESTION,
     TILES_WITH_OBJECTS_FILE,
@@ -472,6 +474,16 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     polish_ids = [r["id"] for r in files["polish_train.json"]]
     assert len(polish_ids) == 6 * 2 + 2 + 2 * 2 + 2 + 2 + 4
     assert sum(i.endswith("_f00") for i in polish_ids) == 4 and sum(i.endswith("_p") for i in polish_ids) == 12
+    # the place stage: each scene's first two versions cut to their row / column / tile turns, then a seeded
+    # draw of polish records (585 x 0.004 = 2 at this scale)
+    places = json.loads((out / PLACES_FILE).read_text())
+    located = [r["id"] + "_l" for r in json.loads((out / "rs_train_shuffled.json").read_text())
+               if r["id"].endswith(("_c00", "_c01")) and any(t["value"].startswith("Which row ")
+                                                               for t in r["conversations"])]
+    assert located and [r["id"] for r in places[:-2]] == located
+    assert all(t["value"].removeprefix("<image>\n").startswith(SCENE_LOCATION_PREFIXES)
+               for r in places[:-2] for t in r["conversations"][::2])
+    assert all(r in files["polish_train.json"] for r in places[-2:])
     with pytest.raises(DemoDataError, match="niah_train.json"):
         write_polish_records(out, follow_up_sources=("niah_train.json",))
     records_only = ["--out", str(out), "--cache-dir", str(cache), "--records-only", "--vision-needles", "0"]

@@ -325,8 +325,9 @@ class LongLlavaModel(LlavaModel):
             if encoded is None:
                 encoded = self.get_image_features(pixel_values=pixel_values, return_dict=True)
             stacked = torch.stack(tuple(encoded.pooler_output))  # (n, tokens_per_image, H)
-            encoded.pooler_output = tuple(self.add_grid_places(stacked, input_ids).unbind(0))
-            mm_encoder_outputs, pixel_values = {**(mm_encoder_outputs or {}), "image": encoded}, None
+            # a new output object: the caller's pre-encoded features must not get the places twice
+            placed = BaseModelOutputWithPooling(pooler_output=tuple(self.add_grid_places(stacked, input_ids).unbind(0)))
+            mm_encoder_outputs, pixel_values = {**(mm_encoder_outputs or {}), "image": placed}, None
         return super().forward(input_ids=input_ids, pixel_values=pixel_values,
                                mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from longllava import protocol
 from longllava.loading import load_model
@@ -74,6 +75,13 @@ def test_forward_and_chunked_prefill_agree_with_places(placed_model, tiny_model,
         placed = placed_model(**inputs).logits
         plain = tiny_model(**inputs).logits
     assert (placed - plain).abs().max() > 1e-3  # the test can fail: the places change the answer's logits
+    # pre-encoded features (mm_encoder_outputs) get the places once, however often they are passed
+    encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(placed_model.encode_images(
+        inputs["pixel_values"]).unbind(0)))}
+    text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    with torch.no_grad():
+        for _ in range(2):
+            assert (placed_model(**text_only, mm_encoder_outputs=encoded).logits - placed).abs().max() <= 1e-4
     session = LongContextSession(placed_model, tiny_processor, image_batch_size=3, chunk_tokens=11)
     prefilled = session.prefill(inputs["input_ids"], session.encode_images(images), all_logits=True).logits
     assert (prefilled - placed).abs().max() <= 1e-3

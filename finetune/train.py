@@ -674,7 +674,7 @@ def build_train_dataset(recipe: Recipe, processor: Any, model: Any, output_dir: 
     return data.ConversationDataset(samples, loader, recipe.max_length, pack=recipe.pack)
 
 
-def add_grid_places(model: Any, processor: Any, recipe: Recipe) -> None:
+def add_recipe_grid_places(model: Any, processor: Any, recipe: Recipe) -> None:
     """Give ``model`` the recipe's grid places (longllava.modeling.enable_grid_places, seeded by the recipe),
     unless it has them already with the same number of places."""
     from longllava import protocol
@@ -723,7 +723,7 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
 
         init_projector_from_head(model, recipe.projector_init_head, recipe.projector_init_scale)
     if recipe.grid_places and not resume:
-        add_grid_places(model, processor, recipe)
+        add_recipe_grid_places(model, processor, recipe)
     run = _vision_run if recipe.stage == "vision" else _conversation_run
     trainer, dataset, trained, save = run(recipe, model, processor, args, output_dir, callbacks)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)

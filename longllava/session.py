@@ -261,12 +261,11 @@ class LongContextSession:
     def _with_grid_places(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """image_tokens (n_images * tokens_per_image, hidden) with the model's grid places added (if it has them:
         longllava.modeling.LongLlavaModel.add_grid_places), from the whole prompt before it is chunked."""
-        add = getattr(self.model.model, "add_grid_places", None)
-        if add is None or getattr(self.model.model, "grid_place_embeddings", None) is None:
+        if getattr(self.model.model, "grid_place_embeddings", None) is None:
             return image_tokens
         hidden = image_tokens.shape[-1]
         per_image = image_tokens.reshape(-1, self.tokens_per_image, hidden)  # (n_images, tokens_per_image, hidden)
-        return add(per_image, input_ids).reshape(-1, hidden)
+        return self.model.model.add_grid_places(per_image, input_ids).reshape(-1, hidden)
 
     def _chunk_embeddings(
         self, chunk_ids: torch.Tensor, image_tokens: torch.Tensor, image_row: int

@@ -72,6 +72,9 @@ class Recipe:
     # give a base model without them grid place vectors for this many rows / columns (longllava.config; 0: none)
     grid_places: int = 0
     grid_place_norm: float = 8.0
+    # append language-model layers to a base model that has fewer (longllava.modeling.append_language_layers):
+    # {num_hidden_layers: N, attn_layer_period: P, attn_layer_offset: O}; the layout must keep the existing layers
+    grow_language_model: dict = field(default_factory=dict)
     # full mode: of what the stage trains, only the parameters whose names contain one of these (none: all of it)
     train_only: list[str] = field(default_factory=list)
     # stage vision: weight of the per-token loss of records with token_labels (0: those targets are not used)
@@ -132,6 +135,7 @@ class Recipe:
                 f"recipe {self.name}: grid_places adds weights that a full sft / multi run trains; set mode: full "
                 "and stage: sft or multi, or drop grid_places"
             )
+        self._validate_growth()
         if self.train_only and self.mode != "full":
             raise FinetuneError(f"recipe {self.name}: train_only picks parameters of a full fine-tune; set mode: full "
                                 "or drop train_only (LoRA trains its adapters)")
@@ -163,6 +167,20 @@ class Recipe:
                                 "to weights >= 0")
         if self.vision_label_weights and self.stage != "vision":
             raise FinetuneError(f"recipe {self.name}: vision_label_weights apply to stage 'vision' only")
+
+    def _validate_growth(self) -> None:
+        if not self.grow_language_model:
+            return
+        keys = ("num_hidden_layers", "attn_layer_period", "attn_layer_offset")
+        growth = self.grow_language_model
+        if not isinstance(growth, dict) or sorted(growth) != sorted(keys) or not all(
+                isinstance(growth[k], int) and not isinstance(growth[k], bool) and growth[k] >= 0 for k in keys):
+            raise FinetuneError(f"recipe {self.name}: grow_language_model {growth!r} must give integers "
+                                "num_hidden_layers, attn_layer_period and attn_layer_offset, e.g. "
+                                "{num_hidden_layers: 10, attn_layer_period: 5, attn_layer_offset: 4}")
+        if self.mode != "full" or self.stage not in ("sft", "multi"):
+            raise FinetuneError(f"recipe {self.name}: grow_language_model adds layers that a full sft / multi run "
+                                "trains; set mode: full and stage: sft or multi, or drop grow_language_model")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,6 +713,23 @@ def add_recipe_grid_places(model: Any, processor: Any, recipe: Recipe) -> None:
     enable_grid_places(model, recipe.grid_places, newline[0], separators, recipe.grid_place_norm, recipe.seed)
 
 
+def grow_recipe_language_model(model: Any, recipe: Recipe) -> None:
+    """Append the recipe's language-model layers (longllava.modeling.append_language_layers, seeded by the
+    recipe), unless the base model has that layout already."""
+    from longllava.errors import ModelInputError
+    from longllava.modeling import append_language_layers
+
+    growth = recipe.grow_language_model
+    text = model.config.text_config
+    if (text.num_hidden_layers, text.attn_layer_period, text.attn_layer_offset) == (
+            growth["num_hidden_layers"], growth["attn_layer_period"], growth["attn_layer_offset"]):
+        return
+    try:
+        append_language_layers(model, seed=recipe.seed, **growth)
+    except ModelInputError as error:
+        raise FinetuneError(f"recipe {recipe.name}: grow_language_model: {error}") from error
+
+
 def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] = ()) -> dict:
     """Train as the recipe says; returns the summary written to ``training_summary.json``."""
     import torch
@@ -724,6 +759,8 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
         init_projector_from_head(model, recipe.projector_init_head, recipe.projector_init_scale)
     if recipe.grid_places and not resume:
         add_recipe_grid_places(model, processor, recipe)
+    if recipe.grow_language_model and not resume:
+        grow_recipe_language_model(model, recipe)
     run = _vision_run if recipe.stage == "vision" else _conversation_run
     trainer, dataset, trained, save = run(recipe, model, processor, args, output_dir, callbacks)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)

@@ -283,6 +283,49 @@ def _place_vectors(grid_places: int, hidden: int, norm: float, seed: int) -> tor
     return vectors * (norm / vectors.norm(dim=-1, keepdim=True))
 
 
+@torch.no_grad()
+def append_language_layers(model: nn.Module, num_hidden_layers: int, attn_layer_period: int,
+                           attn_layer_offset: int, seed: int = 0) -> list[str]:
+    """Grow a LongLlava model's Jamba body to ``num_hidden_layers`` layers under the layout
+    ``attn_layer_period`` / ``attn_layer_offset`` (attention where ``i % period == offset``), appending the new
+    layers after the trained ones; returns the appended layers' types.
+
+    The layout must keep every existing layer's type. Each new layer gets transformers' init (seeded by
+    ``seed``) and Mamba's time-step init, then zero output projections (attention ``o_proj``, Mamba
+    ``out_proj``, feed-forward ``down_proj``), so the grown model computes exactly what it did before and
+    training decides what the new layers add."""
+    from transformers.models.jamba.modeling_jamba import ALL_DECODER_LAYER_TYPES
+
+    body = model.model if isinstance(model, LongLlavaForConditionalGeneration) else model
+    language_model, text_config = body.language_model, body.config.text_config
+    before = list(text_config.layers_block_type)
+    grown = [("attention" if i % attn_layer_period == attn_layer_offset else "mamba")
+             for i in range(num_hidden_layers)] if 0 <= attn_layer_offset < attn_layer_period else []
+    if num_hidden_layers <= len(before) or grown[:len(before)] != before:
+        raise ModelInputError(
+            f"cannot grow the language model from {len(before)} layers ({_layout(before)}) to {num_hidden_layers} "
+            f"with attention period {attn_layer_period}, offset {attn_layer_offset} ({_layout(grown)}): the new "
+            "layout must have more layers and keep every existing layer's type")
+    text_config.num_hidden_layers = num_hidden_layers
+    text_config.attn_layer_period, text_config.attn_layer_offset = attn_layer_period, attn_layer_offset
+    reference = next(language_model.layers[0].parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for index in range(len(before), num_hidden_layers):
+            layer = ALL_DECODER_LAYER_TYPES[grown[index]](text_config, layer_idx=index)
+            layer.apply(language_model._init_weights)
+            init_mamba_time_steps(layer, seed=seed + index)
+            for name, parameter in layer.named_parameters():
+                if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "down_proj")):
+                    parameter.zero_()
+            language_model.layers.append(layer.to(reference))
+    return grown[len(before):]
+
+
+def _layout(types: Sequence[str]) -> str:
+    return "attention at " + ", ".join(str(i) for i, kind in enumerate(types) if kind == "attention")
+
+
 class LongLlavaModel(LlavaModel):
     """LLaVA body with LongLLaVA's pooled image features (see module docstring)."""
 

@@ -191,6 +191,32 @@ def test_recipes_parse_and_overrides_apply(tmp_path):
         load_recipe("demo", ["pack=maybe"])
 
 
+def test_grow_language_model_recipe_appends_trains_and_saves_layers(tmp_path, synthetic_sets, make_recipe):
+    """``grow_language_model`` appends layers to the base model (a no-op at first, its output projections
+    zero), the run trains them, and the saved model loads with the grown layout; a LoRA recipe cannot ask."""
+    growth = {"num_hidden_layers": 6, "attn_layer_period": 2, "attn_layer_offset": 1}
+    recipe = make_recipe(synthetic_sets / "rs_train.json", tmp_path / "run", mode="full", max_steps=2,
+                         grow_language_model=growth, pack=False, max_length=2048,
+                         image_cache_dir=str(tmp_path / "cache"), render={"tile_size": 112, "max_tiles": 4})
+    summary = run_training(recipe)
+    model, _ = load_model(summary["saved_to"])
+    base, _ = load_model(summary["base_model"])
+    assert base.config.text_config.num_hidden_layers == 4
+    assert model.config.text_config.layers_block_type == ["mamba", "attention"] * 3
+    trained = model.model.language_model.layers[5].self_attn.o_proj.weight
+    assert trained.abs().max() > 0  # trained from zero
+    with pytest.raises(FinetuneError, match="grow_language_model"):
+        make_recipe(synthetic_sets / "ct_train.json", tmp_path / "lora", grow_language_model=growth)
+    with pytest.raises(FinetuneError, match="num_hidden_layers"):
+        make_recipe(synthetic_sets / "ct_train.json", tmp_path / "bad", mode="full",
+                    grow_language_model={"num_hidden_layers": 6})
+    shrink = make_recipe(synthetic_sets / "rs_train.json", tmp_path / "shrink", mode="full", max_steps=1,
+                         grow_language_model={**growth, "attn_layer_offset": 0}, pack=False, max_length=2048,
+                         image_cache_dir=str(tmp_path / "cache"), render={"tile_size": 112, "max_tiles": 4})
+    with pytest.raises(FinetuneError, match="keep every existing layer"):
+        run_training(shrink)
+
+
 def test_grid_places_recipe_adds_trains_and_saves_the_place_vectors(tmp_path, synthetic_sets, make_recipe):
     """``grid_places`` gives the base model its row / column vectors (seeded), the run trains them with the
     language model, and the saved model loads them back; a LoRA recipe cannot ask for them."""

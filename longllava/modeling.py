@@ -323,6 +323,9 @@ def append_language_layers(model: nn.Module, num_hidden_layers: int, attn_layer_
 
 
 def _layout(types: Sequence[str]) -> str:
+    """'attention at 4, 9' for a layer-type list; 'no layout' for an offset outside the period."""
+    if not types:
+        return "no layout: the offset must be at least 0 and below the period"
     return "attention at " + ", ".join(str(i) for i, kind in enumerate(types) if kind == "attention")
 
 

@@ -25,6 +25,7 @@ Pre-encoded images (streaming encoders) can be passed to ``forward`` as
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -299,8 +300,7 @@ def append_language_layers(model: nn.Module, num_hidden_layers: int, attn_layer_
     body = model.model if isinstance(model, LongLlavaForConditionalGeneration) else model
     language_model, text_config = body.language_model, body.config.text_config
     before = list(text_config.layers_block_type)
-    grown = [("attention" if i % attn_layer_period == attn_layer_offset else "mamba")
-             for i in range(num_hidden_layers)] if 0 <= attn_layer_offset < attn_layer_period else []
+    grown = _grown_layout(text_config, num_hidden_layers, attn_layer_period, attn_layer_offset)
     if num_hidden_layers <= len(before) or grown[:len(before)] != before:
         raise ModelInputError(
             f"cannot grow the language model from {len(before)} layers ({_layout(before)}) to {num_hidden_layers} "
@@ -320,6 +320,16 @@ def append_language_layers(model: nn.Module, num_hidden_layers: int, attn_layer_
                     parameter.zero_()
             language_model.layers.append(layer.to(reference))
     return grown[len(before):]
+
+
+def _grown_layout(text_config, num_hidden_layers: int, attn_layer_period: int, attn_layer_offset: int) -> list[str]:
+    """The layer types Jamba's own config gives for the grown shape; [] for an offset outside the period."""
+    if not 0 <= attn_layer_offset < attn_layer_period:
+        return []
+    grown_config = copy.deepcopy(text_config)
+    grown_config.num_hidden_layers = num_hidden_layers
+    grown_config.attn_layer_period, grown_config.attn_layer_offset = attn_layer_period, attn_layer_offset
+    return list(grown_config.layers_block_type)
 
 
 def _layout(types: Sequence[str]) -> str:

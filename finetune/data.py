@@ -48,6 +48,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,15 +274,27 @@ def _cache_key(source: Path, options: dict) -> str:
 
 
 def _write_cache(folder: Path, images: Sequence, prompt: str) -> Visuals:
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    """Write one rendering into ``folder`` through a folder of this writer's own, moved into place at the end.
+
+    Processes that share a cache (trainings, evaluations and probes side by side) may render the same
+    study at once: each writes apart, the first move wins and the others, whose renderings are the same
+    (rendering is deterministic), drop theirs and read the winner's."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
     paths = []
     for index, image in enumerate(images):
         target = tmp / f"{index:05d}.png"
         image.convert("RGB").save(target)
         paths.append(folder / target.name)
     (tmp / "meta.json").write_text(json.dumps({"prompt": prompt, "count": len(paths)}))
-    tmp.replace(folder)
+    try:
+        tmp.replace(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        written = _read_cache(folder)
+        if written is None:
+            raise
+        return written
     return Visuals(tuple(paths), prompt)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -132,7 +133,7 @@ class TowerFeatureCache:
         keys = torch.tensor([list(key) for key in self._features], dtype=torch.uint8)  # (n, 16)
         features = torch.stack([features.cpu() for features in self._features.values()])  # (n, p*p, Cv)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(f"{path}.partial")
+        partial = Path(f"{path}.partial-{os.getpid()}")  # each writer its own: runs may share a cache
         save_file({"keys": keys, "features": features}, str(partial))
         partial.replace(path)  # never a half-written cache file
 

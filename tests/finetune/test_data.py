@@ -194,6 +194,24 @@ def test_ct_and_raster_records_render_once_into_cache(tmp_path, synthetic_sets, 
     assert data.record_visuals(scene, tmp_path / "cache") == scene_visuals
 
 
+def test_a_writer_that_loses_the_cache_race_reads_the_winners_rendering(tmp_path, synthetic_sets, monkeypatch):
+    """Two processes sharing a cache render the same study at once: the one whose move comes second must
+    not fail (it did: 'Directory not empty') nor leave its temporary folder behind."""
+    ct = data.load_records(synthetic_sets / "ct_train.json", render_defaults={"num_slices": 3, "size": 56})[0]
+    winner = data.record_visuals(ct, tmp_path / "cache")
+    read_cache, misses = data._read_cache, []
+
+    def miss_once(folder):  # the loser looked before the winner's folder was in place
+        if not misses:
+            misses.append(folder)
+            return None
+        return read_cache(folder)
+
+    monkeypatch.setattr(data, "_read_cache", miss_once)
+    assert data.record_visuals(ct, tmp_path / "cache") == winner and misses
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [winner.paths[0].parent.name]
+
+
 def test_cache_is_keyed_by_the_options_each_renderer_reads(tmp_path, synthetic_sets, monkeypatch):
     render = {"num_slices": 3, "size": 56, "tile_size": 56, "max_tiles": 4}
     ct = data.load_records(synthetic_sets / "ct_train.json", render_defaults=render)[0]

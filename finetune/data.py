@@ -49,7 +49,7 @@ import hashlib
 import json
 import random
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,8 +279,8 @@ def _write_cache(folder: Path, images: Sequence, prompt: str) -> Visuals:
     Processes that share a cache (trainings, evaluations and probes side by side) may render the same
     study at once: each writes apart, the first move wins and the others, whose renderings are the same
     (rendering is deterministic), drop theirs and read the winner's."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
+    tmp = folder.with_name(f"{folder.name}.{uuid.uuid4().hex}.tmp")  # the umask's permissions, as the cache's
+    tmp.mkdir(parents=True)
     paths = []
     for index, image in enumerate(images):
         target = tmp / f"{index:05d}.png"

@@ -47,3 +47,41 @@ def test_layer_probe_cli_on_a_tiny_model(tmp_path, capsys) -> None:
     assert "answer position" in capsys.readouterr().out
     with pytest.raises(FinetuneError, match="ct_train_studies.jsonl: missing"):
         main(["--model", str(model), "--train", str(tmp_path / "nowhere"), "--data", str(data)])
+
+
+def test_report_prefix_stops_before_the_findings_sentence() -> None:
+    from finetune.layer_probe import report_prefix
+
+    text = ("Trachea and both main bronchi are in the midline and patent. No pleural effusion was detected. "
+            "An area of consolidation is present in the right lung, on slices 62-84. No mass or nodule was detected.")
+    study = {"id": "ct_x", "report": {"findings": text}}
+    assert report_prefix(study, "Consolidation") == (
+        "Findings: Trachea and both main bronchi are in the midline and patent. No pleural effusion was detected.")
+    assert report_prefix(study, "Lung nodule").endswith("on slices 62-84.")
+    with pytest.raises(FinetuneError, match="no sentence for its absence"):
+        report_prefix(study, "Emphysema")
+    with pytest.raises(FinetuneError, match="ct_x: its report has no sentence with 'heart'"):
+        report_prefix(study, "Cardiomegaly")
+
+
+def test_layer_probe_teacher_forces_the_report_up_to_a_finding(tmp_path) -> None:
+    from domain_data.synthetic.build import build_synthetic_sets
+    from finetune.demo_data import DEMO_BUILD, build_heldout_subset
+    from longllava.loading import save_random_model
+
+    train, data, model = tmp_path / "train", tmp_path / "data", tmp_path / "run" / "model"
+    options = {k: v for k, v in DEMO_BUILD.items() if not k.startswith(("n_ct_", "n_rs_"))}
+    build_synthetic_sets(train, n_ct_train=4, n_ct_test=0, n_rs_train=0, n_rs_test=0, **options)
+    build_heldout_subset(data, n_ct=2, n_rs=0)
+    save_random_model("tiny", model, seed=0)
+    out = tmp_path / "probe"
+    assert main(["--model", str(model), "--train", str(train), "--data", str(data), "--n-train", "4",
+                 "--report-finding", "Consolidation", "--out", str(out)]) == 0
+    result = json.loads((out / "layer_probe.json").read_text())
+    assert result["question"] == "Write the findings and impressions of this chest CT."
+    assert result["absent_sentence"] == "No consolidation was observed"
+    readout = result["model_readout_auc"]
+    assert readout is None or 0.0 <= readout <= 1.0
+    assert len(result["layers"]) == 1 + LongLlavaConfig.from_preset("tiny").text_config.num_hidden_layers
+    prompts = [json.loads(line) for line in (out / "layer_probe_work" / "test_questions.jsonl").open()]
+    assert all(p["conversations"][0]["value"].endswith(result["question"]) for p in prompts)

@@ -13,7 +13,10 @@ for the model (teacher-forced) from the study's own reference findings up to the
 NAME's finding (present or absent: "An area of consolidation ..." / "No consolidation was observed."): the
 "answer position" is then the last token before that sentence, where the model decides which of the two
 it writes, and ``model_readout_auc`` is how well its own next token separates them (minus the
-log-probability of the absent sentence's first token), to set beside the probe's AUC at that position.
+log-probability of the absent sentence's first token), to set beside the probe's AUC at that position;
+``model_writes_absent`` is how often its greedy next token there is that first token, in the studies with the
+finding and in those without (a readout AUC near 1 with the absent sentence written for most studies with
+the finding: the ranking is right and the threshold is not).
 Writes ``layer_probe.json`` into ``--out``.
 """
 
@@ -99,10 +102,12 @@ def question_records(studies: Sequence[dict[str, Any]], question: str, root: Pat
 
 
 def layer_states(model: Any, processor: Any, records_file: Path, render: dict, cache: Path,
-                 prefixes: Sequence[str] | None = None, next_text: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 prefixes: Sequence[str] | None = None,
+                 next_text: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(studies x layers + 1 x parts x hidden): per hidden state, the image-token mean and the answer position;
-    and per study the log-probability of ``next_text``'s first token there (NaN without it). ``prefixes``:
-    per study, text written for the model after the generation prompt (teacher-forced)."""
+    and per study the log-probability of ``next_text``'s first token there and whether it is the greedy next
+    token (both NaN without ``next_text``). ``prefixes``: per study, text written for the model after the
+    generation prompt (teacher-forced)."""
     import torch
     from tqdm import tqdm
 
@@ -111,7 +116,7 @@ def layer_states(model: Any, processor: Any, records_file: Path, render: dict, c
     image_token = model.config.image_token_id
     items = load_ct_rate_items(str(records_file), None, render)
     prefixes = prefixes if prefixes is not None else [""] * len(items)
-    states, next_logprobs = [], []
+    states, next_logprobs, next_is_greedy = [], [], []
     for item, prefix in tqdm(list(zip(items, prefixes, strict=True)), desc=records_file.stem, unit="study"):
         prompt, images = item_prompt(item, cache)
         inputs = processor(text=[prompt + prefix], images=images, return_tensors="pt")
@@ -122,10 +127,13 @@ def layer_states(model: Any, processor: Any, records_file: Path, render: dict, c
                                    for h in output.hidden_states]).float().numpy())
         if next_text is None:
             next_logprobs.append(float("nan"))
+            next_is_greedy.append(float("nan"))
             continue
         token = first_new_token(processor.tokenizer, prompt + prefix, next_text)
-        next_logprobs.append(float(output.logits[0, -1].float().log_softmax(-1)[token]))
-    return np.stack(states), np.array(next_logprobs)
+        logits = output.logits[0, -1].float()
+        next_logprobs.append(float(logits.log_softmax(-1)[token]))
+        next_is_greedy.append(float(int(logits.argmax()) == token))
+    return np.stack(states), np.array(next_logprobs), np.array(next_is_greedy)
 
 
 def first_new_token(tokenizer: Any, text: str, continuation: str) -> int:
@@ -137,6 +145,15 @@ def first_new_token(tokenizer: Any, text: str, continuation: str) -> int:
     if after[:len(before)] != before or len(after) == len(before):
         raise FinetuneError(f"the continuation {continuation!r} changes how the text before it is tokenised")
     return int(after[len(before)])
+
+
+def writes_absent_rates(truth: np.ndarray, writes_absent: np.ndarray) -> dict[str, float | None]:
+    """How often the greedy next token starts the absent sentence, in the studies with the finding
+    (``truth`` 1: each such one a missed finding) and in those without (``None`` where there are none)."""
+    rates: dict[str, float | None] = {}
+    for name, mask in (("with the finding", truth == 1), ("without it", truth == 0)):
+        rates[name] = float(writes_absent[mask].mean()) if mask.any() else None
+    return rates
 
 
 def probe_aucs(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> list[float | None]:
@@ -184,13 +201,14 @@ def layer_probe(model_path: str, train_data: str | Path, data: str | Path, n_tra
     install_fast_scan_if_available()
     model, processor = load_trained(model_path)
     render = model_render_defaults(model_path)
-    features, next_logprobs = {}, {}
+    features, next_logprobs, next_is_greedy = {}, {}, {}
     for split, studies, root in (("train", train_studies, train_data), ("test", test_studies, data)):
         records = work / f"{split}_questions.jsonl"
         rows = question_records(studies, question, Path(root))
         records.write_text("".join(json.dumps(r) + "\n" for r in rows))
         prefixes = None if report_finding is None else [report_prefix(s, report_finding) for s in studies]
-        features[split], next_logprobs[split] = layer_states(model, processor, records, render, cache, prefixes, absent)
+        features[split], next_logprobs[split], next_is_greedy[split] = layer_states(
+            model, processor, records, render, cache, prefixes, absent)
     layers = []
     for layer in range(features["train"].shape[1]):
         layers.append({part: dict(zip(findings, probe_aucs(features["train"][:, layer, p], train_y,
@@ -202,7 +220,8 @@ def layer_probe(model_path: str, train_data: str | Path, data: str | Path, n_tra
     if report_finding is not None:
         truth = test_y[:, findings.index(report_finding)]
         result.update(report_finding=report_finding, absent_sentence=absent,
-                      model_readout_auc=auc_or_none(truth.tolist(), (-next_logprobs["test"]).tolist()))
+                      model_readout_auc=auc_or_none(truth.tolist(), (-next_logprobs["test"]).tolist()),
+                      model_writes_absent=writes_absent_rates(truth, next_is_greedy["test"]))
     return result
 
 
@@ -222,6 +241,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"answer position: the last report token before the {result['report_finding']} sentence; the "
                      f"model's own readout there (not '{result['absent_sentence']}'): AUC "
                      + ("n/a" if readout is None else f"{readout:.3f}"))
+        rates = ", ".join(f"{name} {'n/a' if rate is None else f'{rate:.2f}'}"
+                          for name, rate in result["model_writes_absent"].items())
+        lines.append(f"its greedy next token starts '{result['absent_sentence']}' in the studies {rates}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finetune import FinetuneError
-from finetune.layer_probe import PARTS, main, probe_aucs
+from finetune.layer_probe import PARTS, main, probe_aucs, writes_absent_rates
 from longllava.config import LongLlavaConfig
 
 
@@ -64,6 +64,14 @@ def test_report_prefix_stops_before_the_findings_sentence() -> None:
         report_prefix(study, "Cardiomegaly")
 
 
+def test_writes_absent_rates_split_the_greedy_choice_by_truth() -> None:
+    truth = np.array([1, 1, 1, 1, 0, 0], dtype=bool)
+    writes_absent = np.array([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    assert writes_absent_rates(truth, writes_absent) == {"with the finding": 0.75, "without it": 0.5}
+    assert writes_absent_rates(np.zeros(2, dtype=bool), np.array([1.0, 1.0])) == {
+        "with the finding": None, "without it": 1.0}
+
+
 def test_layer_probe_teacher_forces_the_report_up_to_a_finding(tmp_path) -> None:
     from domain_data.synthetic.build import build_synthetic_sets
     from finetune.demo_data import DEMO_BUILD, build_heldout_subset
@@ -82,6 +90,9 @@ def test_layer_probe_teacher_forces_the_report_up_to_a_finding(tmp_path) -> None
     assert result["absent_sentence"] == "No consolidation was observed"
     readout = result["model_readout_auc"]
     assert readout is None or 0.0 <= readout <= 1.0
+    rates = result["model_writes_absent"]
+    assert set(rates) == {"with the finding", "without it"}
+    assert all(rate is None or 0.0 <= rate <= 1.0 for rate in rates.values())
     assert len(result["layers"]) == 1 + LongLlavaConfig.from_preset("tiny").text_config.num_hidden_layers
     prompts = [json.loads(line) for line in (out / "layer_probe_work" / "test_questions.jsonl").open()]
     assert all(p["conversations"][0]["value"].endswith(result["question"]) for p in prompts)

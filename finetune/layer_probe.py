@@ -207,8 +207,9 @@ def layer_probe(model_path: str, train_data: str | Path, data: str | Path, n_tra
         rows = question_records(studies, question, Path(root))
         records.write_text("".join(json.dumps(r) + "\n" for r in rows))
         prefixes = None if report_finding is None else [report_prefix(s, report_finding) for s in studies]
+        scored = absent if split == "test" else None  # the readout is scored on the held-out studies only
         features[split], next_logprobs[split], next_is_greedy[split] = layer_states(
-            model, processor, records, render, cache, prefixes, absent)
+            model, processor, records, render, cache, prefixes, scored)
     layers = []
     for layer in range(features["train"].shape[1]):
         layers.append({part: dict(zip(findings, probe_aucs(features["train"][:, layer, p], train_y,

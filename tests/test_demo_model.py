@@ -741,6 +741,39 @@ def test_demo_recipes_train_a_few_steps_in_four_stages(tiny_build, tmp_path):
     assert LongLlavaConfig.from_pretrained(saved).to_dict()["text_config"]["hidden_size"] == 256
 
 
+def test_stage_1b_recipe_follows_stage_1_and_weighs_the_tile_labels():
+    first, tiles = load_recipe("demo_vision"), load_recipe("demo_vision_tiles")
+    assert tiles.stage == "vision" and tiles.mode == "full" and tiles.base_model == f"{first.output_dir}/model"
+    assert tiles.train_data == [str(Path(first.train_data[0]).parent / VISION_TILES_REPLAY_FILE)]
+    assert tiles.render == first.render == DEMO_RENDER and tiles.output_dir != first.output_dir
+    assert tiles.vision_label_weights["tile"] > max(w for k, w in tiles.vision_label_weights.items() if k != "tile")
+
+
+def test_five_stage_chain_trains_stage_1b_and_a_tile_rich_stage_2_a_few_steps(tiny_build, tmp_path):
+    """The five-stage layout's new steps (training history, items 33-45): stage 1b from stage 1's model on
+    the tile replay file, then stage 2 from 1b's model with its projector seeded from 1b's head."""
+    from finetune.train import run_training
+
+    cache = tmp_path / "cache"
+    single = write_single_image_records(tiny_build, cache, vision_needles=4, vision_tile_scenes=2, tile_copies=2,
+                                        tile_replay=5)
+    common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000",
+              "per_device_train_batch_size=4"]
+    stage2_files = [single, tiny_build / NEEDLE_ANSWERS_FILE, tiny_build / VISION_TILES_FILE,
+                    tiny_build / TILES_WITH_OBJECTS_FILE]
+    base = None
+    for name, files, extra in (
+            ("demo_vision", [tiny_build / "vision_train.json"], []),
+            ("demo_vision_tiles", [tiny_build / VISION_TILES_REPLAY_FILE], []),
+            ("demo_warmup", stage2_files, [f"projector_init_head={tmp_path / 'demo_vision_tiles'}"])):
+        overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}", *common, *extra]
+        summary = run_training(load_recipe(name, overrides + ([f"base_model={base}"] if base else [])))
+        assert summary["global_step"] == 2 and math.isfinite(summary["last_loss"]), name
+        assert summary["train_samples"] == sum(len(json.loads(Path(path).read_text())) for path in files)
+        base = summary["saved_to"]
+    assert earlier_stages(tmp_path / "demo_warmup") == [tmp_path / "demo_vision", tmp_path / "demo_vision_tiles"]
+
+
 def test_earlier_stages_follow_base_model_back_to_the_preset(tmp_path):
     for name, base in (("a", "preset:demo"), ("b", f"{tmp_path}/a/model"), ("c", f"{tmp_path}/b/model")):
         (tmp_path / name).mkdir()

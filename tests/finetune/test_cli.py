@@ -54,7 +54,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown recipe 'no_such_recipe'; use one of ct_rate_lora, demo, demo_places, demo_polish, demo_vision, "
-        "demo_warmup, pubmedvision_full, pubmedvision_lora, skysense_lora or a .yaml path"]
+        "demo_vision_tiles, demo_warmup, pubmedvision_full, pubmedvision_lora, skysense_lora or a .yaml path"]
     result = _run("evaluate", "ct-rate", "--model", str(tmp_path), "--data", str(tmp_path / "nope.jsonl"),
                   "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "nope.jsonl not found" in result.stderr

@@ -172,8 +172,8 @@ def test_stages_choose_trainable_parameters(tiny_base):
 
 def test_recipes_parse_and_overrides_apply(tmp_path):
     names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-    assert names == ["ct_rate_lora", "demo", "demo_places", "demo_polish", "demo_vision", "demo_warmup", "pubmedvision_full",
-                     "pubmedvision_lora", "skysense_lora"]
+    assert names == ["ct_rate_lora", "demo", "demo_places", "demo_polish", "demo_vision", "demo_vision_tiles",
+                     "demo_warmup", "pubmedvision_full", "pubmedvision_lora", "skysense_lora"]
     warmup_ratios = {"demo_warmup": 0.05, "demo_polish": 0.05}  # the demo's stages 2 and 4, as they ran
     for name in names:
         recipe = load_recipe(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -717,26 +718,33 @@ def test_study_bags_hold_each_study_s_slabs_in_order_with_the_union_of_their_lab
     ]
 
 
-def test_demo_recipes_train_a_few_steps_in_four_stages(tiny_build, tmp_path):
+def _train_chain(tmp_path: Path, cache: Path, stages: Sequence[tuple[str, list, list[str]]]) -> tuple[Path, Recipe]:
+    """Train each (recipe name, train files, extra overrides) 2 steps from the previous stage's model, into
+    ``tmp_path / name``; the last stage's saved model and its recipe."""
     from finetune.train import run_training
 
-    cache = tmp_path / "cache"
-    single = write_single_image_records(tiny_build, cache, vision_needles=4)
-    whole = [str(p) for p in write_shuffled_records(tiny_build)] + [str(tiny_build / "niah_train.json")]
-    polish = write_polish_records(tiny_build)
-    common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000"]
-    base = None
-    for name, files, extra in (("demo_vision", [tiny_build / "vision_train.json"], ["per_device_train_batch_size=4"]),
-                               ("demo_warmup", [single, tiny_build / NEEDLE_ANSWERS_FILE],
-                                ["per_device_train_batch_size=4", f"projector_init_head={tmp_path / 'demo_vision'}"]),
-                               ("demo", whole, []), ("demo_polish", [polish], [])):
-        overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}", *common, *extra]
+    base, recipe = None, None
+    for name, files, extra in stages:
+        overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}",
+                     f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000", *extra]
         recipe = load_recipe(name, overrides + ([f"base_model={base}"] if base else []))
         summary = run_training(recipe)
         assert summary["global_step"] == 2 and math.isfinite(summary["last_loss"]), name
         assert summary["train_samples"] == sum(len(json.loads(Path(path).read_text())) for path in files)
         base = summary["saved_to"]
-    saved = Path(base)
+    return Path(base), recipe
+
+
+def test_demo_recipes_train_a_few_steps_in_four_stages(tiny_build, tmp_path):
+    cache = tmp_path / "cache"
+    single = write_single_image_records(tiny_build, cache, vision_needles=4)
+    whole = [str(p) for p in write_shuffled_records(tiny_build)] + [str(tiny_build / "niah_train.json")]
+    polish = write_polish_records(tiny_build)
+    saved, recipe = _train_chain(tmp_path, cache, (
+        ("demo_vision", [tiny_build / "vision_train.json"], ["per_device_train_batch_size=4"]),
+        ("demo_warmup", [single, tiny_build / NEEDLE_ANSWERS_FILE],
+         ["per_device_train_batch_size=4", f"projector_init_head={tmp_path / 'demo_vision'}"]),
+        ("demo", whole, []), ("demo_polish", [polish], [])))
     assert json.loads((saved / INFERENCE_DEFAULTS_FILE).read_text()) == {"render": recipe.render}
     assert LongLlavaConfig.from_pretrained(saved).to_dict()["text_config"]["hidden_size"] == 256
 
@@ -752,25 +760,16 @@ def test_stage_1b_recipe_follows_stage_1_and_weighs_the_tile_labels():
 def test_five_stage_chain_trains_stage_1b_and_a_tile_rich_stage_2_a_few_steps(tiny_build, tmp_path):
     """The five-stage layout's new steps (training history, items 33-45): stage 1b from stage 1's model on
     the tile replay file, then stage 2 from 1b's model with its projector seeded from 1b's head."""
-    from finetune.train import run_training
-
     cache = tmp_path / "cache"
     single = write_single_image_records(tiny_build, cache, vision_needles=4, vision_tile_scenes=2, tile_copies=2,
                                         tile_replay=5)
-    common = [f"image_cache_dir={cache}", "max_steps=2", "logging_steps=1", "save_steps=1000",
-              "per_device_train_batch_size=4"]
+    batch = "per_device_train_batch_size=4"
     stage2_files = [single, tiny_build / NEEDLE_ANSWERS_FILE, tiny_build / VISION_TILES_FILE,
                     tiny_build / TILES_WITH_OBJECTS_FILE]
-    base = None
-    for name, files, extra in (
-            ("demo_vision", [tiny_build / "vision_train.json"], []),
-            ("demo_vision_tiles", [tiny_build / VISION_TILES_REPLAY_FILE], []),
-            ("demo_warmup", stage2_files, [f"projector_init_head={tmp_path / 'demo_vision_tiles'}"])):
-        overrides = [f"train_data={','.join(map(str, files))}", f"output_dir={tmp_path / name}", *common, *extra]
-        summary = run_training(load_recipe(name, overrides + ([f"base_model={base}"] if base else [])))
-        assert summary["global_step"] == 2 and math.isfinite(summary["last_loss"]), name
-        assert summary["train_samples"] == sum(len(json.loads(Path(path).read_text())) for path in files)
-        base = summary["saved_to"]
+    _train_chain(tmp_path, cache, (
+        ("demo_vision", [tiny_build / "vision_train.json"], [batch]),
+        ("demo_vision_tiles", [tiny_build / VISION_TILES_REPLAY_FILE], [batch]),
+        ("demo_warmup", stage2_files, [batch, f"projector_init_head={tmp_path / 'demo_vision_tiles'}"])))
     assert earlier_stages(tmp_path / "demo_warmup") == [tmp_path / "demo_vision", tmp_path / "demo_vision_tiles"]
 
 

@@ -37,12 +37,15 @@ and the held-out sets its model card is scored on:
   (:func:`tile_replay_records`), and ``vision_tiles_train.json`` the extra tiles in words for a stage 2;
   ``--tile-copies N`` writes N copies of the training tiles that hold objects to
   ``tiles_with_objects_train.json`` for a tile-rich stage 2 (:func:`tiles_with_objects_records`); all three
-  off in the shipped recipes (the five-stage chain of items 33-37 used 1,250, 7,000 and 3);
+  off by default, the shipped five-stage chain passes 1,250, 7,000 and 3 (the Makefile's ``demo-model``;
+  training history, items 33-46);
   ``--slab-presence`` first asks each CT image
   the five presence questions of the whole-study stage (:func:`slab_presence_turns`; off in the shipped
   recipes: item 13).
   It renders the CT
   studies and scenes into the training image cache (:data:`DEMO_CACHE_DIR`).
+* ``polish_train.json`` (the presence polish, :func:`write_polish_records`) and ``reports_train.json``
+  beside it (:func:`write_report_records`: every second CT training study's report asked alone, item 46).
 
 Same arguments -> the same files (every draw is seeded).
 """
@@ -300,6 +303,10 @@ PLACES_FILE = "places_train.json"
 PLACES_LOCATION_VERSIONS = 2
 PLACES_REPLAY_RECORDS = 585
 SCENE_LOCATION_PREFIXES = ("Which row ", "Which column ", "Which tile ")  # scene_questions' place questions
+# the polish's report-first records (reports_train.json): the report alone, straight after the images, of every
+# POLISH_REPORTS_EVERY-th CT training study (all 600: better reports, worse nodule answers; item 46)
+REPORTS_FILE = "reports_train.json"
+POLISH_REPORTS_EVERY = 2
 
 
 def presence_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -322,6 +329,29 @@ def location_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
     (:data:`SCENE_LOCATION_PREFIXES`), in their order, the image tag in front of the first; id ``ID_l``. None
     when it has no such turn (a scene without objects)."""
     return _kept_version(record, lambda question, answer: question.startswith(SCENE_LOCATION_PREFIXES), "l")
+
+
+def report_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A CT study conversation cut down to its report turn, straight after the images; id ``ID_rf``. None
+    when it has no report.
+
+    The polish's replay asks few reports first (one follow-up version in three), and after the five-stage
+    chain's stage 3 its reports missed findings its presence answers found (training history, item 46)."""
+    from domain_data.medical.constants import REPORT_FINDINGS_PREFIX
+
+    return _kept_version(record, lambda question, answer: answer.startswith(REPORT_FINDINGS_PREFIX), "rf")
+
+
+def write_report_records(out_dir: str | Path, every: int = POLISH_REPORTS_EVERY) -> Path:
+    """:data:`REPORTS_FILE` in ``out_dir``: :func:`report_only_version` of every ``every``-th study of its
+    ``ct_train.json`` (the first, then each ``every``-th), in that file's order, for the polish beside
+    ``polish_train.json``."""
+    if every < 1:
+        raise DemoDataError(f"{out_dir}/{REPORTS_FILE}: every must be >= 1, got {every}")
+    studies = json.loads(_built_file(out_dir, "ct_train.json").read_text())[::every]
+    target = Path(out_dir) / REPORTS_FILE
+    target.write_text(json.dumps([v for record in studies if (v := report_only_version(record))], indent=1) + "\n")
+    return target
 
 
 def _kept_version(record: dict[str, Any], keep: Callable[[str, str], bool], suffix: str) -> dict[str, Any] | None:
@@ -1067,6 +1097,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
     write_polish_records(out_dir, seed, count_versions=polish_counts[0], count_copies=polish_counts[1],
                          location_versions=polish_locations[0], location_copies=polish_locations[1])
     write_places_records(out_dir, seed, replay_records=round(PLACES_REPLAY_RECORDS * scale))
+    write_report_records(out_dir)
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence,
                                scene_tokens=scene_tokens, centre_tokens=centre_tokens,
                                vision_tile_scenes=round(vision_tile_scenes * scale), tile_copies=tile_copies,
@@ -1136,7 +1167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{'on' if TILE_CENTRE_TARGETS else 'off'}; training history, item 32)")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, polish_train.json, "
-                        f"{PLACES_FILE}, single_train.json)")
+                        f"{REPORTS_FILE}, {PLACES_FILE}, single_train.json)")
     args = parser.parse_args(argv)
     render = dict(DEMO_RENDER, window=args.ct_window)
     if args.records_only:
@@ -1145,6 +1176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  count_copies=args.polish_counts[1], location_versions=args.polish_locations[0],
                                  location_copies=args.polish_locations[1]),
             write_places_records(args.out, args.seed),
+            write_report_records(args.out),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence, scene_tokens=args.scene_tokens,
                                        centre_tokens=args.centre_tokens,

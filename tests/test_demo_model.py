@@ -20,6 +20,7 @@ from finetune.demo_data import (
     NEEDLE_ANSWERS_FILE,
     NEEDLE_QUESTION,
     PLACES_FILE,
+    REPORTS_FILE,
     SCENE_LOCATION_PREFIXES,
     SLICE_QUESTION,
     TILE_QUESTION,
@@ -43,6 +44,7 @@ from finetune.demo_data import (
     presence_only_version,
     question_order_group,
     rendered_slice_answers,
+    report_only_version,
     shuffled_conversations,
     shuffled_records,
     single_image_records,
@@ -62,6 +64,7 @@ from finetune.demo_data import (
     vision_records,
     vision_tile_records,
     write_polish_records,
+    write_report_records,
     write_shuffled_records,
     write_single_image_records,
 )
@@ -93,26 +96,23 @@ def test_demo_resolves_to_the_bundled_folder_with_its_card():
     assert "synthetic" in card.lower() and "python -m finetune.demo_data" in card and "longllava finetune demo" in card
 
 
-# keys that name and place a run, not what it trains
-RUN_LABEL_KEYS = {"name", "description", "output_dir", "base_model"}
-
-
 def test_committed_checkpoint_matches_the_recipes():
-    """Four stages: demo_vision from the seeded preset, demo_warmup from its model, demo from that,
-    demo_polish from that."""
-    first, warmup, whole, recipe = (load_recipe(name) for name in ("demo_vision", "demo_warmup", "demo", "demo_polish"))
-    assert first.base_model.startswith("preset:") and first.mode == warmup.mode == whole.mode == recipe.mode == "full"
-    assert (first.stage, warmup.stage, whole.stage, recipe.stage) == ("vision", "sft", "sft", "sft")
+    """Five stages: demo_vision from the seeded preset, demo_vision_tiles (1b) from its model, demo_warmup
+    from that with its projector seeded from 1b's head, demo from that, demo_polish from that."""
+    names = ("demo_vision", "demo_vision_tiles", "demo_warmup", "demo", "demo_polish")
+    first, tiles, warmup, whole, recipe = stages = [load_recipe(name) for name in names]
+    assert first.base_model.startswith("preset:") and all(stage.mode == "full" for stage in stages)
+    assert [stage.stage for stage in stages] == ["vision", "vision", "sft", "sft", "sft"]
     assert not any(stage.train_vision_tower for stage in (warmup, whole, recipe))
-    assert warmup.base_model == f"{first.output_dir}/model" and whole.base_model == f"{warmup.output_dir}/model"
-    assert recipe.base_model == f"{whole.output_dir}/model"
-    assert warmup.projector_init_head == first.output_dir  # stage 1's head
+    assert all(later.base_model == f"{earlier.output_dir}/model" for earlier, later in zip(stages, stages[1:]))
+    assert warmup.projector_init_head == tiles.output_dir  # stage 1b's head
     assert not whole.projector_init_head and not recipe.projector_init_head
-    assert first.render == warmup.render == whole.render == recipe.render == DEMO_RENDER
+    assert whole.grid_places == 8 and not recipe.grid_places  # stage 3 adds them, the polish keeps them
+    assert all(stage.render == DEMO_RENDER for stage in stages)
     assert warmup.image_cache_dir == whole.image_cache_dir == recipe.image_cache_dir  # one render cache
     preset = LongLlavaConfig.from_preset(first.base_model.split(":", 1)[1])
     saved = LongLlavaConfig.from_pretrained(DEMO_DIR)
-    assert saved.pooled_grid == preset.pooled_grid
+    assert saved.pooled_grid == preset.pooled_grid and saved.grid_places == whole.grid_places
     saved_vision = {k: v for k, v in saved.vision_config.to_dict().items() if k not in STORAGE_FIELDS}
     assert saved_vision == {k: v for k, v in preset.vision_config.to_dict().items() if k not in STORAGE_FIELDS}
     ignored = TOKENIZER_FIELDS | STORAGE_FIELDS
@@ -121,8 +121,8 @@ def test_committed_checkpoint_matches_the_recipes():
     assert saved_text == preset_text
     # the recipes that trained the checkpoint (copied from the runs) are the bundled ones, key for key
     defaults = asdict(Recipe())
-    for stage, file in ((first, "stage1_recipe.yaml"), (warmup, "stage2_recipe.yaml"), (whole, "stage3_recipe.yaml"),
-                        (recipe, "training_recipe.yaml")):
+    files = [f"stage{number}_recipe.yaml" for number in range(1, 5)] + ["training_recipe.yaml"]
+    for stage, file in zip(stages, files):
         ran = yaml.safe_load((DEMO_DIR / file).read_text())
         # a key added to Recipe after a stage ran must hold its default (the run behaved as it says)
         assert {**{k: defaults[k] for k in asdict(stage).keys() - ran.keys()}, **ran} == asdict(stage), file
@@ -252,6 +252,25 @@ def test_follow_up_copies_put_side_slices_report_and_tiles_straight_after_the_im
     assert follow_up_conversations(plain, 0, copies=1, seed=0) == []
     mixed = shuffled_records([record, plain], copies=2, seed=0, follow_up_copies=1)
     assert sorted(r["id"] for r in mixed) == ["ct_0_c00", "ct_0_c01", "ct_0_f00", "s1_c00", "s1_c01"]
+
+
+def test_report_only_versions_ask_the_report_straight_after_the_images(tmp_path):
+    record = dict(_conversation("Nodule? Answer Yes or No.", "Yes", "Write the findings and impressions.",
+                                "Findings: A 12 mm nodule.\nImpressions: 1 lung nodule (right)."), id="ct_train_0003")
+    report = report_only_version(record)
+    assert report == {"id": "ct_train_0003_rf", "image": "ct/a.nii.gz", "layout": "series", "conversations": [
+        {"from": "human", "value": "<image>\nWrite the findings and impressions."},
+        {"from": "gpt", "value": "Findings: A 12 mm nodule.\nImpressions: 1 lung nodule (right)."}]}
+    assert report_only_version(_conversation("Nodule? Answer Yes or No.", "No")) is None
+    # the file: every second study's report (studies 0 and 2 here), a study without one left out
+    studies = [dict(record, id=f"ct_train_{k:04d}") for k in range(4)]
+    studies[2] = dict(_conversation("Nodule? Answer Yes or No.", "No"), id="ct_train_0002")
+    (tmp_path / "ct_train.json").write_text(json.dumps(studies))
+    assert [r["id"] for r in json.loads(write_report_records(tmp_path).read_text())] == ["ct_train_0000_rf"]
+    assert [r["id"] for r in json.loads(write_report_records(tmp_path, every=1).read_text())] == [
+        "ct_train_0000_rf", "ct_train_0001_rf", "ct_train_0003_rf"]
+    with pytest.raises(DemoDataError, match="every must be >= 1"):
+        write_report_records(tmp_path, every=0)
 
 
 def test_presence_only_versions_keep_the_yes_no_turns_and_the_polish_replays_the_rest():
@@ -475,6 +494,9 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     polish_ids = [r["id"] for r in files["polish_train.json"]]
     assert len(polish_ids) == 6 * 2 + 2 + 2 * 2 + 2 + 2 + 4
     assert sum(i.endswith("_f00") for i in polish_ids) == 4 and sum(i.endswith("_p") for i in polish_ids) == 12
+    # the polish's second file: the report alone of every second CT training study (of 2: the first)
+    reports = json.loads((out / REPORTS_FILE).read_text())
+    assert [r["id"] for r in reports] == [json.loads((out / "ct_train.json").read_text())[0]["id"] + "_rf"]
     # the place stage: each scene's first two versions cut to their row / column / tile turns, then a seeded
     # draw of polish records (585 x 0.004 = 2 at this scale)
     places = json.loads((out / PLACES_FILE).read_text())
@@ -735,20 +757,6 @@ def _train_chain(tmp_path: Path, cache: Path, stages: Sequence[tuple[str, list, 
     return Path(base), recipe
 
 
-def test_demo_recipes_train_a_few_steps_in_four_stages(tiny_build, tmp_path):
-    cache = tmp_path / "cache"
-    single = write_single_image_records(tiny_build, cache, vision_needles=4)
-    whole = [str(p) for p in write_shuffled_records(tiny_build)] + [str(tiny_build / "niah_train.json")]
-    polish = write_polish_records(tiny_build)
-    saved, recipe = _train_chain(tmp_path, cache, (
-        ("demo_vision", [tiny_build / "vision_train.json"], ["per_device_train_batch_size=4"]),
-        ("demo_warmup", [single, tiny_build / NEEDLE_ANSWERS_FILE],
-         ["per_device_train_batch_size=4", f"projector_init_head={tmp_path / 'demo_vision'}"]),
-        ("demo", whole, []), ("demo_polish", [polish], [])))
-    assert json.loads((saved / INFERENCE_DEFAULTS_FILE).read_text()) == {"render": recipe.render}
-    assert LongLlavaConfig.from_pretrained(saved).to_dict()["text_config"]["hidden_size"] == 256
-
-
 def test_stage_1b_recipe_follows_stage_1_and_weighs_the_tile_labels():
     first, tiles = load_recipe("demo_vision"), load_recipe("demo_vision_tiles")
     assert tiles.stage == "vision" and tiles.mode == "full" and tiles.base_model == f"{first.output_dir}/model"
@@ -757,20 +765,28 @@ def test_stage_1b_recipe_follows_stage_1_and_weighs_the_tile_labels():
     assert tiles.vision_label_weights["tile"] > max(w for k, w in tiles.vision_label_weights.items() if k != "tile")
 
 
-def test_five_stage_chain_trains_stage_1b_and_a_tile_rich_stage_2_a_few_steps(tiny_build, tmp_path):
-    """The five-stage layout's new steps (training history, items 33-45): stage 1b from stage 1's model on
-    the tile replay file, then stage 2 from 1b's model with its projector seeded from 1b's head."""
+def test_demo_recipes_train_a_few_steps_in_five_stages(tiny_build, tmp_path):
+    """The bundled chain, each stage 2 steps from the one before on the tiny build's files: stage 1b on the
+    tile replay file, stage 2 with its projector seeded from 1b's head, stage 3 with grid places, the polish
+    with the report-first records."""
     cache = tmp_path / "cache"
     single = write_single_image_records(tiny_build, cache, vision_needles=4, vision_tile_scenes=2, tile_copies=2,
                                         tile_replay=5)
+    whole = [str(p) for p in write_shuffled_records(tiny_build)] + [str(tiny_build / "niah_train.json")]
     batch = "per_device_train_batch_size=4"
     stage2_files = [single, tiny_build / NEEDLE_ANSWERS_FILE, tiny_build / VISION_TILES_FILE,
                     tiny_build / TILES_WITH_OBJECTS_FILE]
-    _train_chain(tmp_path, cache, (
+    saved, recipe = _train_chain(tmp_path, cache, (
         ("demo_vision", [tiny_build / "vision_train.json"], [batch]),
         ("demo_vision_tiles", [tiny_build / VISION_TILES_REPLAY_FILE], [batch]),
-        ("demo_warmup", stage2_files, [batch, f"projector_init_head={tmp_path / 'demo_vision_tiles'}"])))
-    assert earlier_stages(tmp_path / "demo_warmup") == [tmp_path / "demo_vision", tmp_path / "demo_vision_tiles"]
+        ("demo_warmup", stage2_files, [batch, f"projector_init_head={tmp_path / 'demo_vision_tiles'}"]),
+        ("demo", whole, []),
+        ("demo_polish", [write_polish_records(tiny_build), write_report_records(tiny_build)], [])))
+    assert earlier_stages(tmp_path / "demo_polish") == [
+        tmp_path / name for name in ("demo_vision", "demo_vision_tiles", "demo_warmup", "demo")]
+    assert json.loads((saved / INFERENCE_DEFAULTS_FILE).read_text()) == {"render": recipe.render}
+    config = LongLlavaConfig.from_pretrained(saved)
+    assert config.to_dict()["text_config"]["hidden_size"] == 256 and config.grid_places == 8
 
 
 def test_earlier_stages_follow_base_model_back_to_the_preset(tmp_path):

@@ -337,9 +337,7 @@ def report_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
 
     The polish's replay asks few reports first (one follow-up version in three), and after the five-stage
     chain's stage 3 its reports missed findings its presence answers found (training history, item 46)."""
-    from domain_data.medical.constants import REPORT_FINDINGS_PREFIX
-
-    return _kept_version(record, lambda question, answer: answer.startswith(REPORT_FINDINGS_PREFIX), "rf")
+    return _kept_version(record, lambda question, answer: question_order_group(question, answer) == 2, "rf")
 
 
 def write_report_records(out_dir: str | Path, every: int = POLISH_REPORTS_EVERY) -> Path:

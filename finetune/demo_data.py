@@ -44,8 +44,10 @@ and the held-out sets its model card is scored on:
   recipes: item 13).
   It renders the CT
   studies and scenes into the training image cache (:data:`DEMO_CACHE_DIR`).
-* ``polish_train.json`` (the presence polish, :func:`write_polish_records`) and ``reports_train.json``
-  beside it (:func:`write_report_records`: every second CT training study's report asked alone, item 46).
+* ``polish_train.json`` (the presence polish, :func:`write_polish_records`) and beside it
+  ``reports_train.json`` (:func:`write_report_records`: every second CT training study's report asked alone,
+  item 46) and ``counts_train.json`` (:func:`write_count_records`: each scene's three count questions alone,
+  item 47).
 
 Same arguments -> the same files (every draw is seeded).
 """
@@ -307,6 +309,10 @@ SCENE_LOCATION_PREFIXES = ("Which row ", "Which column ", "Which tile ")  # scen
 # POLISH_REPORTS_EVERY-th CT training study (all 600: better reports, worse nodule answers; item 46)
 REPORTS_FILE = "reports_train.json"
 POLISH_REPORTS_EVERY = 2
+# the polish's count records (counts_train.json): the count-only versions of each scene's first
+# POLISH_COUNT_RECORD_VERSIONS shuffled conversations, once, trained on top of the rest (longer polish; item 47)
+COUNTS_FILE = "counts_train.json"
+POLISH_COUNT_RECORD_VERSIONS = 3
 
 
 def presence_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -349,6 +355,21 @@ def write_report_records(out_dir: str | Path, every: int = POLISH_REPORTS_EVERY)
     studies = json.loads(_built_file(out_dir, "ct_train.json").read_text())[::every]
     target = Path(out_dir) / REPORTS_FILE
     target.write_text(json.dumps([v for record in studies if (v := report_only_version(record))], indent=1) + "\n")
+    return target
+
+
+def write_count_records(out_dir: str | Path, versions: int = POLISH_COUNT_RECORD_VERSIONS) -> Path:
+    """:data:`COUNTS_FILE` in ``out_dir``: :func:`count_only_version` of each scene's first ``versions``
+    shuffled conversations of its ``rs_train_shuffled.json``, in that file's order, for the polish beside
+    ``polish_train.json`` and :data:`REPORTS_FILE`.
+
+    The whole-scene conversations ask three counts among a dozen turns, and the polish replays few of them;
+    count-only records taught the scene count's readout in items 34 and 47."""
+    if versions < 1:
+        raise DemoDataError(f"{out_dir}/{COUNTS_FILE}: versions must be >= 1, got {versions}")
+    scenes = json.loads(_built_file(out_dir, "rs_train_shuffled.json").read_text())
+    target = Path(out_dir) / COUNTS_FILE
+    target.write_text(json.dumps(_early_versions(scenes, versions, count_only_version), indent=1) + "\n")
     return target
 
 
@@ -1096,6 +1117,7 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                          location_versions=polish_locations[0], location_copies=polish_locations[1])
     write_places_records(out_dir, seed, replay_records=round(PLACES_REPLAY_RECORDS * scale))
     write_report_records(out_dir)
+    write_count_records(out_dir)
     write_single_image_records(out_dir, cache_dir, seed, round(vision_needles * scale), render, slab_presence,
                                scene_tokens=scene_tokens, centre_tokens=centre_tokens,
                                vision_tile_scenes=round(vision_tile_scenes * scale), tile_copies=tile_copies,
@@ -1165,7 +1187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{'on' if TILE_CENTRE_TARGETS else 'off'}; training history, item 32)")
     parser.add_argument("--records-only", action="store_true",
                         help="only rewrite an existing build's stage files (*_shuffled.json, polish_train.json, "
-                        f"{REPORTS_FILE}, {PLACES_FILE}, single_train.json)")
+                        f"{REPORTS_FILE}, {COUNTS_FILE}, {PLACES_FILE}, single_train.json)")
     args = parser.parse_args(argv)
     render = dict(DEMO_RENDER, window=args.ct_window)
     if args.records_only:
@@ -1175,6 +1197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  location_copies=args.polish_locations[1]),
             write_places_records(args.out, args.seed),
             write_report_records(args.out),
+            write_count_records(args.out),
             write_single_image_records(args.out, args.cache_dir, args.seed, args.vision_needles, render,
                                        args.slab_presence, scene_tokens=args.scene_tokens,
                                        centre_tokens=args.centre_tokens,

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from finetune.demo_data import (
+    COUNTS_FILE,
     DEMO_BUILD,
     DEMO_RENDER,
     DEMO_TOKEN_GRID,
@@ -63,6 +64,7 @@ from finetune.demo_data import (
     vision_needle_records,
     vision_records,
     vision_tile_records,
+    write_count_records,
     write_polish_records,
     write_report_records,
     write_shuffled_records,
@@ -327,6 +329,23 @@ def test_presence_only_versions_keep_the_yes_no_turns_and_the_polish_replays_the
                                               "r3_c00_l", "r3_c01_l"]
 
 
+def test_count_records_ask_each_scenes_counts_alone_for_its_first_versions(tmp_path):
+    counts = ("How many ships are there in the image? Answer with a number.", "3",
+              "Count the storage tanks in this image. Answer with a number.", "0")
+    scenes = [dict(_conversation(*counts, "Is there a ship in the image? Answer Yes or No.", "Yes"), id=f"r{k}_c{v:02d}")
+              for k in range(2) for v in range(3)]
+    scenes.append(dict(_conversation("Is there a ship in the image? Answer Yes or No.", "No"), id="r2_c00"))
+    (tmp_path / "rs_train_shuffled.json").write_text(json.dumps(scenes))
+    written = json.loads(write_count_records(tmp_path, versions=2).read_text())
+    # file order, the first two versions of each scene, a scene without count turns left out
+    assert [r["id"] for r in written] == ["r0_c00_n", "r0_c01_n", "r1_c00_n", "r1_c01_n"]
+    assert _pairs(written[0]) == [(counts[0], "3"), (counts[2], "0")]
+    assert written[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert len(json.loads(write_count_records(tmp_path).read_text())) == 6  # default: 3 versions
+    with pytest.raises(DemoDataError, match="versions must be >= 1"):
+        write_count_records(tmp_path, versions=0)
+
+
 def test_split_per_question_rejects_broken_conversations(tmp_path):
     broken = _conversation("q", "a")
     broken["conversations"].append({"from": "human", "value": "dangling"})
@@ -497,6 +516,10 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     # the polish's second file: the report alone of every second CT training study (of 2: the first)
     reports = json.loads((out / REPORTS_FILE).read_text())
     assert [r["id"] for r in reports] == [json.loads((out / "ct_train.json").read_text())[0]["id"] + "_rf"]
+    # its third: each scene's first three shuffled versions cut to their count turns
+    counted = [r["id"] + "_n" for r in json.loads((out / "rs_train_shuffled.json").read_text())
+               if r["id"].endswith(("_c00", "_c01", "_c02"))]
+    assert [r["id"] for r in json.loads((out / COUNTS_FILE).read_text())] == counted and counted
     # the place stage: each scene's first two versions cut to their row / column / tile turns, then a seeded
     # draw of polish records (585 x 0.004 = 2 at this scale)
     places = json.loads((out / PLACES_FILE).read_text())
@@ -768,7 +791,7 @@ def test_stage_1b_recipe_follows_stage_1_and_weighs_the_tile_labels():
 def test_demo_recipes_train_a_few_steps_in_five_stages(tiny_build, tmp_path):
     """The bundled chain, each stage 2 steps from the one before on the tiny build's files: stage 1b on the
     tile replay file, stage 2 with its projector seeded from 1b's head, stage 3 with grid places, the polish
-    with the report-first records."""
+    with the report-first and count records."""
     cache = tmp_path / "cache"
     single = write_single_image_records(tiny_build, cache, vision_needles=4, vision_tile_scenes=2, tile_copies=2,
                                         tile_replay=5)
@@ -781,7 +804,8 @@ def test_demo_recipes_train_a_few_steps_in_five_stages(tiny_build, tmp_path):
         ("demo_vision_tiles", [tiny_build / VISION_TILES_REPLAY_FILE], [batch]),
         ("demo_warmup", stage2_files, [batch, f"projector_init_head={tmp_path / 'demo_vision_tiles'}"]),
         ("demo", whole, []),
-        ("demo_polish", [write_polish_records(tiny_build), write_report_records(tiny_build)], [])))
+        ("demo_polish", [write_polish_records(tiny_build), write_report_records(tiny_build),
+                         write_count_records(tiny_build)], [])))
     assert earlier_stages(tmp_path / "demo_polish") == [
         tmp_path / name for name in ("demo_vision", "demo_vision_tiles", "demo_warmup", "demo")]
     assert json.loads((saved / INFERENCE_DEFAULTS_FILE).read_text()) == {"render": recipe.render}

@@ -163,6 +163,12 @@ def split_per_question(record: dict[str, Any]) -> list[dict[str, Any]]:
     return pieces
 
 
+def _write_records(path: Path, records: Sequence[dict[str, Any]]) -> Path:
+    """Write a training file (a JSON list, one space of indent, a final newline) and return its path."""
+    path.write_text(json.dumps(list(records), indent=1) + "\n")
+    return path
+
+
 def _built_file(out_dir: str | Path, name: str) -> Path:
     source = Path(out_dir) / name
     if not source.is_file():
@@ -273,8 +279,7 @@ def write_shuffled_records(out_dir: str | Path, seed: int = 0, copies: int = SHU
         target = source.with_name(f"{source.stem}_shuffled.json")
         records = json.loads(source.read_text())
         follow_ups = follow_up_copies if name in follow_up_sources else 0
-        target.write_text(json.dumps(shuffled_records(records, copies, seed, follow_ups), indent=1) + "\n")
-        written.append(target)
+        written.append(_write_records(target, shuffled_records(records, copies, seed, follow_ups)))
     return written
 
 
@@ -353,9 +358,7 @@ def write_report_records(out_dir: str | Path, every: int = POLISH_REPORTS_EVERY)
     if every < 1:
         raise DemoDataError(f"{out_dir}/{REPORTS_FILE}: every must be >= 1, got {every}")
     studies = json.loads(_built_file(out_dir, "ct_train.json").read_text())[::every]
-    target = Path(out_dir) / REPORTS_FILE
-    target.write_text(json.dumps([v for record in studies if (v := report_only_version(record))], indent=1) + "\n")
-    return target
+    return _write_records(Path(out_dir) / REPORTS_FILE, [v for record in studies if (v := report_only_version(record))])
 
 
 def write_count_records(out_dir: str | Path, versions: int = POLISH_COUNT_RECORD_VERSIONS) -> Path:
@@ -368,9 +371,7 @@ def write_count_records(out_dir: str | Path, versions: int = POLISH_COUNT_RECORD
     if versions < 1:
         raise DemoDataError(f"{out_dir}/{COUNTS_FILE}: versions must be >= 1, got {versions}")
     scenes = json.loads(_built_file(out_dir, "rs_train_shuffled.json").read_text())
-    target = Path(out_dir) / COUNTS_FILE
-    target.write_text(json.dumps(_early_versions(scenes, versions, count_only_version), indent=1) + "\n")
-    return target
+    return _write_records(Path(out_dir) / COUNTS_FILE, _early_versions(scenes, versions, count_only_version))
 
 
 def _kept_version(record: dict[str, Any], keep: Callable[[str, str], bool], suffix: str) -> dict[str, Any] | None:
@@ -432,9 +433,7 @@ def write_places_records(out_dir: str | Path, seed: int = 0, location_versions: 
     ``polish_train.json``."""
     rs, polish = (json.loads(_built_file(out_dir, name).read_text())
                   for name in ("rs_train_shuffled.json", "polish_train.json"))
-    target = Path(out_dir) / PLACES_FILE
-    target.write_text(json.dumps(places_records(rs, polish, location_versions, replay_records, seed), indent=1) + "\n")
-    return target
+    return _write_records(Path(out_dir) / PLACES_FILE, places_records(rs, polish, location_versions, replay_records, seed))
 
 
 def _early_versions(shuffled: Sequence[dict[str, Any]], versions: int,
@@ -466,9 +465,7 @@ def write_polish_records(out_dir: str | Path, seed: int = 0, presence_copies: in
     records = polish_records(ct, rs, niah, presence_copies, ct_replay_versions, rs_replay_versions, niah_records,
                              follow_ups.get("ct_train.json", ()), follow_ups.get("rs_train.json", ()),
                              count_versions, count_copies, location_versions, location_copies)
-    target = Path(out_dir) / "polish_train.json"
-    target.write_text(json.dumps(records, indent=1) + "\n")
-    return target
+    return _write_records(Path(out_dir) / "polish_train.json", records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1017,13 +1014,13 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
     Returns the first."""
     records = single_image_records(out_dir, cache_dir, render, seed=seed, slab_presence=slab_presence)
     copies = tiles_with_objects_records(records, tile_copies, seed)
-    (Path(out_dir) / TILES_WITH_OBJECTS_FILE).write_text(json.dumps(copies, indent=1) + "\n")
+    _write_records(Path(out_dir) / TILES_WITH_OBJECTS_FILE, copies)
     needles = vision_needle_records(out_dir, vision_needles, seed) if vision_needles else []
-    (Path(out_dir) / NEEDLE_ANSWERS_FILE).write_text(json.dumps(needles, indent=1) + "\n")
+    _write_records(Path(out_dir) / NEEDLE_ANSWERS_FILE, needles)
     tiles = vision_tile_records(out_dir, vision_tile_scenes, seed) if vision_tile_scenes else []
     if not tiles:
         (Path(out_dir) / VISION_TILE_SCENES_FILE).unlink(missing_ok=True)
-    (Path(out_dir) / VISION_TILES_FILE).write_text(json.dumps(tiles, indent=1) + "\n")
+    _write_records(Path(out_dir) / VISION_TILES_FILE, tiles)
     # a stage 1b sees every tile (the build's and the extra scenes') with a replay of stage 1's other images;
     # stage 1 itself sees no extra tiles (their weight there cost the needle's shape: training history, item 36)
     with_tiles = _vision_order(records, needles + tiles, seed)
@@ -1038,12 +1035,10 @@ def write_single_image_records(out_dir: str | Path, cache_dir: str | Path, seed:
     if len(by_id) != len(labelled):
         raise DemoDataError(f"{out_dir}: {len(labelled) - len(by_id)} vision records share an id; rebuild the folder")
     vision = [by_id[record["id"]] for record in _vision_order(records, needles, seed)]
-    (Path(out_dir) / "vision_train.json").write_text(json.dumps(vision, indent=1) + "\n")
+    _write_records(Path(out_dir) / "vision_train.json", vision)
     replay = tile_replay_records(labelled, tile_ids, tile_replay, seed)
-    (Path(out_dir) / VISION_TILES_REPLAY_FILE).write_text(json.dumps(replay, indent=1) + "\n")
-    target = Path(out_dir) / "single_train.json"
-    target.write_text(json.dumps(records, indent=1) + "\n")
-    return target
+    _write_records(Path(out_dir) / VISION_TILES_REPLAY_FILE, replay)
+    return _write_records(Path(out_dir) / "single_train.json", records)
 
 
 def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, pool_size: int = NIAH_POOL_SIZE,
@@ -1086,9 +1081,7 @@ def build_niah_train(out_dir: str | Path, n_records: int = NIAH_TRAIN_RECORDS, p
             "layout": "images",
             "conversations": [{"from": "human", "value": NIAH_QUESTION}, {"from": "gpt", "value": f"{colour} {shape}"}],
         })
-    target = out / "niah_train.json"
-    target.write_text(json.dumps(records, indent=1) + "\n")
-    return target
+    return _write_records(out / "niah_train.json", records)
 
 
 def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,

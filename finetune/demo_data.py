@@ -47,7 +47,8 @@ and the held-out sets its model card is scored on:
 * ``polish_train.json`` (the presence polish, :func:`write_polish_records`) and beside it
   ``reports_train.json`` (:func:`write_report_records`: every second CT training study's report asked alone,
   item 46) and ``counts_train.json`` (:func:`write_count_records`: each scene's three count questions alone,
-  item 47).
+  item 47); with ``--tile-count-copies N`` also ``tile_counts_train.json`` (:func:`write_tile_count_records`:
+  the tiles that hold objects asked the scene's count questions; not in the shipped polish, item 48).
 
 Same arguments -> the same files (every draw is seeded).
 """
@@ -318,6 +319,10 @@ POLISH_REPORTS_EVERY = 2
 # POLISH_COUNT_RECORD_VERSIONS shuffled conversations, once, trained on top of the rest (longer polish; item 47)
 COUNTS_FILE = "counts_train.json"
 POLISH_COUNT_RECORD_VERSIONS = 3
+# the polish's tile count records (tile_counts_train.json): every record of TILES_WITH_OBJECTS_FILE asked as the
+# scene count questions, POLISH_TILE_COUNT_COPIES times; none in the shipped recipe (training history, item 48)
+TILE_COUNTS_FILE = "tile_counts_train.json"
+POLISH_TILE_COUNT_COPIES = 0
 
 
 def presence_only_version(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -372,6 +377,41 @@ def write_count_records(out_dir: str | Path, versions: int = POLISH_COUNT_RECORD
         raise DemoDataError(f"{out_dir}/{COUNTS_FILE}: versions must be >= 1, got {versions}")
     scenes = json.loads(_built_file(out_dir, "rs_train_shuffled.json").read_text())
     return _write_records(Path(out_dir) / COUNTS_FILE, _early_versions(scenes, versions, count_only_version))
+
+
+def tile_count_version(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """A single-tile record (:data:`TILE_QUESTION`, ``"ships 0, storage tanks 3, buildings 0"``) asked as a
+    scene's count questions: one turn per object kind, in a drawn order, each worded as
+    ``domain_data.synthetic.qa.scene_questions`` words it (one of its two templates, drawn); id ``ID_n``.
+
+    Stage 2 reads a tile's count in its own words; the scene's count questions are answered from the one
+    tile that holds the kind (every kind's objects sit in one tile), so these records train that readout
+    on the tile alone (training history, item 48)."""
+    if record["conversations"][0]["value"] != TILE_QUESTION:
+        raise DemoDataError(f"record {record['id']}: not a tile record ({TILE_QUESTION!r})")
+    counts = {name: count for name, _, count in
+              (piece.rpartition(" ") for piece in record["conversations"][1]["value"].split(", "))}
+    turns: list[dict[str, Any]] = []
+    for plural in (list(counts)[k] for k in rng.permutation(len(counts))):
+        templates = (f"How many {plural} are there in the image? Answer with a number.",
+                     f"Count the {plural} in this image. Answer with a number.")
+        turns += [{"from": "human", "value": templates[int(rng.integers(2))]},
+                  {"from": "gpt", "value": counts[plural]}]
+    return dict(record, id=f"{record['id']}_n", conversations=turns)
+
+
+def write_tile_count_records(out_dir: str | Path, seed: int = 0, copies: int = 1) -> Path:
+    """:data:`TILE_COUNTS_FILE` in ``out_dir``: :func:`tile_count_version` of every record of its
+    :data:`TILES_WITH_OBJECTS_FILE`, in that file's order (seeded orders and wordings), ``copies`` times over
+    (the second pass's ids end ``_n1``, the third's ``_n2``, ...), for the polish."""
+    if copies < 1:
+        raise DemoDataError(f"{out_dir}/{TILE_COUNTS_FILE}: copies must be >= 1, got {copies}")
+    tiles = json.loads(_built_file(out_dir, TILES_WITH_OBJECTS_FILE).read_text())
+    rng = np.random.default_rng([seed, 37])
+    records = [tile_count_version(record, rng) for record in tiles]
+    for copy in range(1, copies):
+        records += [dict(v, id=f"{v['id']}{copy}") for v in (tile_count_version(r, rng) for r in tiles)]
+    return _write_records(Path(out_dir) / TILE_COUNTS_FILE, records)
 
 
 def _kept_version(record: dict[str, Any], keep: Callable[[str, str], bool], suffix: str) -> dict[str, Any] | None:
@@ -1094,9 +1134,10 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                     tile_replay: int = TILE_REPLAY_RECORDS,
                     polish_counts: tuple[int, int] = (POLISH_COUNT_VERSIONS, POLISH_COUNT_COPIES),
                     polish_locations: tuple[int, int] = (POLISH_LOCATION_VERSIONS, POLISH_LOCATION_COPIES),
-                    ) -> dict[str, Any]:
+                    tile_count_copies: int = POLISH_TILE_COUNT_COPIES) -> dict[str, Any]:
     """The synthetic build with :data:`DEMO_BUILD` (set sizes times ``scale``), ``niah_train.json`` and
-    both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``)."""
+    both stages' training files (the warm-up's renders, with ``render``, land in ``cache_dir``); with
+    ``tile_count_copies`` also :data:`TILE_COUNTS_FILE` (:func:`write_tile_count_records`)."""
     from domain_data.synthetic.build import build_synthetic_sets
 
     options = dict(DEMO_BUILD, seed=seed)
@@ -1115,6 +1156,8 @@ def build_demo_data(out_dir: str | Path, seed: int = 0, scale: float = 1.0,
                                scene_tokens=scene_tokens, centre_tokens=centre_tokens,
                                vision_tile_scenes=round(vision_tile_scenes * scale), tile_copies=tile_copies,
                                tile_replay=round(tile_replay * scale))
+    if tile_count_copies:
+        write_tile_count_records(out_dir, seed, tile_count_copies)
     return manifest
 
 
@@ -1169,6 +1212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=[POLISH_COUNT_VERSIONS, POLISH_COUNT_COPIES],
                         help="polish_train.json also holds COPIES times the count-only versions of each scene's "
                         "first VERSIONS shuffled conversations (default 0 0; training history, item 34)")
+    parser.add_argument("--tile-count-copies", type=int, default=POLISH_TILE_COUNT_COPIES,
+                        help=f"also write {TILE_COUNTS_FILE}: the records of {TILES_WITH_OBJECTS_FILE} asked as the "
+                        "scene's count questions, this many times (default 0: not written; training history, "
+                        "item 48)")
     parser.add_argument("--polish-locations", type=int, nargs=2, metavar=("VERSIONS", "COPIES"),
                         default=[POLISH_LOCATION_VERSIONS, POLISH_LOCATION_COPIES],
                         help="polish_train.json also holds COPIES times the location-only versions (row, column and "
@@ -1196,13 +1243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        centre_tokens=args.centre_tokens,
                                        vision_tile_scenes=args.vision_tile_scenes,
                                        tile_copies=args.tile_copies, tile_replay=args.tile_replay)]
+        if args.tile_count_copies:
+            written.append(write_tile_count_records(args.out, args.seed, args.tile_count_copies))
         for path in written:
             print(f"wrote {path} ({len(json.loads(path.read_text()))} records)")
         return 0
     manifest = build_demo_data(args.out, args.seed, args.scale, args.cache_dir, args.follow_up_copies,
                                args.vision_needles, render, args.slab_presence, args.scene_tokens,
                                args.centre_tokens, args.vision_tile_scenes, args.tile_copies, args.tile_replay,
-                               tuple(args.polish_counts), tuple(args.polish_locations))
+                               tuple(args.polish_counts), tuple(args.polish_locations), args.tile_count_copies)
     print(json.dumps(manifest["counts"], sort_keys=True))
     return 0
 

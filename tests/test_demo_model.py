@@ -24,6 +24,7 @@ from finetune.demo_data import (
     REPORTS_FILE,
     SCENE_LOCATION_PREFIXES,
     SLICE_QUESTION,
+    TILE_COUNTS_FILE,
     TILE_QUESTION,
     TILES_WITH_OBJECTS_FILE,
     VISION_TILE_SCENES_FILE,
@@ -55,6 +56,7 @@ from finetune.demo_data import (
     study_bag_records,
     tile_centre_label_names,
     tile_centre_labels,
+    tile_count_version,
     tile_counts_answer,
     tile_object_counts,
     tile_replay_records,
@@ -69,6 +71,7 @@ from finetune.demo_data import (
     write_report_records,
     write_shuffled_records,
     write_single_image_records,
+    write_tile_count_records,
 )
 from finetune.demo_scores import CARD_ROWS, card_tables, earlier_stages, evaluation_plan
 from finetune.evaluate import METRICS, read_predictions
@@ -346,6 +349,34 @@ def test_count_records_ask_each_scenes_counts_alone_for_its_first_versions(tmp_p
         write_count_records(tmp_path, versions=0)
 
 
+def test_tile_count_records_ask_each_tiles_counts_as_the_scene_questions(tmp_path):
+    tile = {"id": "r0_t12_x0", "images": ["cache/00003.png"], "layout": "images",
+            "conversations": [{"from": "human", "value": TILE_QUESTION},
+                              {"from": "gpt", "value": "ships 0, storage tanks 3, buildings 1"}]}
+    version = tile_count_version(tile, np.random.default_rng(0))
+    assert version["id"] == "r0_t12_x0_n" and version["images"] == tile["images"] and version["layout"] == "images"
+    answers = dict(_pairs(version))
+    # one turn per kind, each worded as a scene's count question, answered with the tile's count
+    wordings = {f"How many {plural} are there in the image? Answer with a number.": plural for plural in
+                ("ships", "storage tanks", "buildings")}
+    wordings |= {f"Count the {plural} in this image. Answer with a number.": plural for plural in wordings.values()}
+    assert {wordings[question]: answer for question, answer in answers.items()} == {
+        "ships": "0", "storage tanks": "3", "buildings": "1"}
+    orders = {tuple(wordings[q] for q, _ in _pairs(tile_count_version(tile, np.random.default_rng(k))))
+              for k in range(20)}
+    assert len(orders) > 1  # the order is drawn, not fixed
+    with pytest.raises(DemoDataError, match="not a tile record"):
+        tile_count_version(dict(tile, conversations=_conversation("q", "a")["conversations"]), np.random.default_rng(0))
+    (tmp_path / TILES_WITH_OBJECTS_FILE).write_text(json.dumps([tile, dict(tile, id="r1_t11_x0")]))
+    written = json.loads(write_tile_count_records(tmp_path).read_text())
+    assert [r["id"] for r in written] == ["r0_t12_x0_n", "r1_t11_x0_n"]
+    assert written == json.loads(write_tile_count_records(tmp_path).read_text())  # seeded
+    twice = json.loads(write_tile_count_records(tmp_path, copies=2).read_text())
+    assert twice[:2] == written and [r["id"] for r in twice[2:]] == ["r0_t12_x0_n1", "r1_t11_x0_n1"]
+    with pytest.raises(DemoDataError, match="copies must be >= 1"):
+        write_tile_count_records(tmp_path, copies=0)
+
+
 def test_split_per_question_rejects_broken_conversations(tmp_path):
     broken = _conversation("q", "a")
     broken["conversations"].append({"from": "human", "value": "dangling"})
@@ -560,6 +591,10 @@ def test_demo_data_cli_writes_every_stage_file_at_a_small_scale(tmp_path):
     assert main([*records_only, "--tile-copies", "2"]) == 0
     with_objects = [r for r in vision_records(files["single_train.json"]) if r["id"].startswith("rs_") and r["labels"]]
     assert len(json.loads((out / TILES_WITH_OBJECTS_FILE).read_text())) == 2 * len(with_objects) > 0
+    assert not (out / TILE_COUNTS_FILE).exists()  # default: no tile count records
+    assert main([*records_only, "--tile-copies", "2", "--tile-count-copies", "2"]) == 0
+    asked = json.loads((out / TILE_COUNTS_FILE).read_text())
+    assert len(asked) == 2 * 2 * len(with_objects) and all(len(r["conversations"]) == 6 for r in asked)
 
 
 def _without_token_labels(vision_file: Path, scene_tokens: bool = False) -> list[dict]:

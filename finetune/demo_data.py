@@ -381,21 +381,21 @@ def write_count_records(out_dir: str | Path, versions: int = POLISH_COUNT_RECORD
 
 def tile_count_version(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """A single-tile record (:data:`TILE_QUESTION`, ``"ships 0, storage tanks 3, buildings 0"``) asked as a
-    scene's count questions: one turn per object kind, in a drawn order, each worded as
-    ``domain_data.synthetic.qa.scene_questions`` words it (one of its two templates, drawn); id ``ID_n``.
+    scene's count questions: one turn per object kind, in a drawn order, each in one of the scene's two
+    wordings (``domain_data.synthetic.qa.count_question_wordings``, drawn); id ``ID_n``.
 
     Stage 2 reads a tile's count in its own words; the scene's count questions are answered from the one
     tile that holds the kind (every kind's objects sit in one tile), so these records train that readout
     on the tile alone (training history, item 48)."""
+    from domain_data.synthetic.qa import count_question_wordings
+
     if record["conversations"][0]["value"] != TILE_QUESTION:
         raise DemoDataError(f"record {record['id']}: not a tile record ({TILE_QUESTION!r})")
     counts = {name: count for name, _, count in
               (piece.rpartition(" ") for piece in record["conversations"][1]["value"].split(", "))}
     turns: list[dict[str, Any]] = []
     for plural in (list(counts)[k] for k in rng.permutation(len(counts))):
-        templates = (f"How many {plural} are there in the image? Answer with a number.",
-                     f"Count the {plural} in this image. Answer with a number.")
-        turns += [{"from": "human", "value": templates[int(rng.integers(2))]},
+        turns += [{"from": "human", "value": count_question_wordings(plural)[int(rng.integers(2))]},
                   {"from": "gpt", "value": counts[plural]}]
     return dict(record, id=f"{record['id']}_n", conversations=turns)
 

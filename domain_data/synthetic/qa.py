@@ -214,6 +214,14 @@ def _join_numbers(values: Sequence[int]) -> str:
     return ", ".join(str(v) for v in values)
 
 
+def count_question_wordings(plural: str) -> tuple[str, str]:
+    """The two wordings of a scene's count question about ``plural`` (e.g. ``"storage tanks"``)."""
+    return (
+        f"How many {plural} are there in the image? Answer with a number.",
+        f"Count the {plural} in this image. Answer with a number.",
+    )
+
+
 def scene_questions(
     scene: Scene, tile_size: int | None = None, seed: int | None = None
 ) -> list[dict[str, str]]:
@@ -223,11 +231,8 @@ def scene_questions(
     questions: list[dict[str, str]] = []
     for kind in OBJECT_KINDS:
         plural, count = PLURALS[kind], scene.count(kind)
-        count_templates = (
-            f"How many {plural} are there in the image? Answer with a number.",
-            f"Count the {plural} in this image. Answer with a number.",
-        )
-        questions.append(_q(count_templates[int(rng.integers(2))], str(count), "count", object=kind))
+        wordings = count_question_wordings(plural)
+        questions.append(_q(wordings[int(rng.integers(2))], str(count), "count", object=kind))
         questions.append(
             _q(
                 f"Is there a {kind} in the image? Answer Yes or No.",

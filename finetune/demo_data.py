@@ -391,12 +391,11 @@ def tile_count_version(record: dict[str, Any], rng: np.random.Generator) -> dict
 
     if record["conversations"][0]["value"] != TILE_QUESTION:
         raise DemoDataError(f"record {record['id']}: not a tile record ({TILE_QUESTION!r})")
-    counts = {name: count for name, _, count in
-              (piece.rpartition(" ") for piece in record["conversations"][1]["value"].split(", "))}
+    counts = tile_answer_counts(record["conversations"][1]["value"])
     turns: list[dict[str, Any]] = []
     for plural in (list(counts)[k] for k in rng.permutation(len(counts))):
         turns += [{"from": "human", "value": count_question_wordings(plural)[int(rng.integers(2))]},
-                  {"from": "gpt", "value": counts[plural]}]
+                  {"from": "gpt", "value": str(counts[plural])}]
     return dict(record, id=f"{record['id']}_n", conversations=turns)
 
 
@@ -708,12 +707,15 @@ def _slice_labels(answer: str) -> list[str]:
     return labels
 
 
+def tile_answer_counts(answer: str) -> dict[str, int]:
+    """A tile answer as :func:`tile_counts_answer` writes it (``"ships 0, storage tanks 2, buildings 0"``)
+    -> ``{plural: count}`` in its order."""
+    return {plural: int(count) for plural, _, count in (item.rpartition(" ") for item in answer.split(", "))}
+
+
 def _tile_labels(answer: str) -> list[str]:
-    labels = []
-    for item in answer.split(", "):
-        plural, _, count = item.rpartition(" ")
-        labels += [f"tile {plural} >= {k}" for k in range(1, int(count) + 1)]
-    return labels
+    return [f"tile {plural} >= {k}" for plural, count in tile_answer_counts(answer).items()
+            for k in range(1, count + 1)]
 
 
 def _needle_labels(answer: str) -> list[str]:

@@ -8,7 +8,9 @@ Tasks (``longllava evaluate TASK --model DIR --data PATH --out DIR``):
   ``kind`` / ``finding`` (the synthetic ``ct_test.jsonl``): presence questions give per-finding
   positive-class P/R/F1 and yes/no accuracy, reports are parsed as above, other kinds exact match.
 * ``fit-rsfg``: FIT-RSFG-Bench JSONL; official and lenient VQA accuracy per category
-  (:mod:`domain_data.remote_sensing.metrics`); a ``.tif`` image or ``layout: grid`` is tiled.
+  (:mod:`domain_data.remote_sensing.metrics`); a ``.tif`` image or ``layout: grid`` is tiled. Counting
+  questions also get a true-count x answered-count table (``count_confusion`` in ``metrics.json``,
+  ``count_confusion.png`` and a table in ``report.md``): which counts the model misses, and as what.
 * ``closed-vqa``: VQA-RAD / PathVQA / SLAKE style closed questions (HuatuoGPT-Vision matching).
 * ``niah``: needle in a haystack. ``--data`` is a JSONL of NIAH records (``images``, ``answer``,
   ``depth``; the synthetic ``niah_test.jsonl``) or a generator spec: a JSON file or the inline form
@@ -457,6 +459,7 @@ def fitrsfg_metrics(rows: Sequence[dict]) -> dict:
     from domain_data.remote_sensing.metrics import (
         MULTI_LABEL_SUFFIX,
         SINGLE_LABEL_SUFFIX,
+        count_confusion,
         fitrsfg_vqa_scores,
         scene_classification_scores,
         scores_to_dict,
@@ -467,6 +470,9 @@ def fitrsfg_metrics(rows: Sequence[dict]) -> dict:
     scene = [a for a in answers if a["question"].endswith((SINGLE_LABEL_SUFFIX, MULTI_LABEL_SUFFIX))]
     if scene:
         out["scene_classification"] = scores_to_dict(scene_classification_scores(scene))
+    confusion = count_confusion(answers)
+    if confusion:
+        out["count_confusion"] = confusion
     official = out["vqa"]["official"]
     out["headline"] = {"official_accuracy": official["overall"]["accuracy"],
                        "lenient_accuracy": out["vqa"]["lenient"]["overall"]["accuracy"]}
@@ -543,6 +549,45 @@ def niah_heatmap(metrics: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def count_confusion_heatmap(confusion: dict, path: Path) -> None:
+    """True count (rows) x count answered (columns), each cell the share of its row's questions, annotated
+    with the number of questions."""
+    import numpy as np
+
+    plt = _pyplot()
+    counts = np.array(confusion["matrix"], dtype=float)  # (truths, answers)
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.55 * counts.shape[1] + 2.5), max(3.0, 0.45 * counts.shape[0] + 1.8)),
+                                dpi=100)
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for (row, column), n in np.ndenumerate(counts):
+        if n:
+            axis.text(column, row, str(int(n)), ha="center", va="center", fontsize=8,
+                      color="white" if shares[row, column] > 0.6 else "black")
+    axis.set_xticks(range(len(confusion["answers"])), confusion["answers"])
+    axis.set_yticks(range(len(confusion["truths"])), [str(t) for t in confusion["truths"]])
+    axis.set_xlabel("count answered")
+    axis.set_ylabel("true count")
+    right = sum(v["correct"] for v in confusion["per_truth"].values())
+    axis.set_title(f"counting: {right} of {confusion['questions']} answered right")
+    figure.colorbar(image, ax=axis, fraction=0.046, label="share of the true count's questions")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _count_confusion_lines(confusion: dict) -> list[str]:
+    """report.md's counting table: per true count, its questions, those answered right and the most
+    common answer."""
+    lines = ["", "Counting questions by true count (answers read leniently; a diagnostic, not the benchmark's score):",
+             "", "| true count | questions | answered right | most common answer |", "|---|---|---|---|"]
+    for truth, row in zip(confusion["truths"], confusion["matrix"], strict=True):
+        scores = confusion["per_truth"][str(truth)]
+        common = confusion["answers"][max(range(len(row)), key=row.__getitem__)]
+        lines.append(f"| {truth} | {scores['total']} | {scores['correct']} ({scores['accuracy']:.0%}) | {common} |")
+    return lines
+
+
 def write_report(task: str, metrics: dict, out_dir: Path, model: str, data: str) -> list[Path]:
     """report.md plus the chart PNG(s); returns the files written."""
     written = []
@@ -555,12 +600,18 @@ def write_report(task: str, metrics: dict, out_dir: Path, model: str, data: str)
         heatmap = out_dir / "niah_heatmap.png"
         niah_heatmap(metrics, heatmap)
         written.append(heatmap)
+    if metrics.get("count_confusion"):
+        heatmap = out_dir / "count_confusion.png"
+        count_confusion_heatmap(metrics["count_confusion"], heatmap)
+        written.append(heatmap)
     lines = [f"# Evaluation: {task}", "", f"- model: `{model}`", f"- data: `{data}`", f"- items: {metrics['n']}", ""]
     lines += ["| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics["headline"].items()]
     if metrics.get("per_class"):
         lines += ["", f"| class | {ylabel} |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in metrics["per_class"].items()]
+    if metrics.get("count_confusion"):
+        lines += _count_confusion_lines(metrics["count_confusion"])
     if metrics.get("definition"):
         lines += ["", f"Definition: {metrics['definition']}"]
     lines += ["", *(f"![{p.stem}]({p.name})" for p in written), ""]

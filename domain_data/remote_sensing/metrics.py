@@ -176,6 +176,54 @@ def scene_classification_scores(records: Iterable[Mapping]) -> dict:
             "lenient": _scene_table(rows, lenient_vqa_correct, _lenient_labels)}
 
 
+COUNT_CONFUSION_DEFINITION = (
+    "questions of a category whose name contains 'count' and whose ground truth is a whole number; an answer is "
+    "read as the first whole number of its lenient form (number words as digits), 'none' when it has none; a "
+    "diagnostic beside the official per-category accuracy, not a score of the benchmark")
+
+
+def read_count(text: str) -> int | None:
+    """The first whole number of ``text``'s lenient form (``"Three ships."`` -> 3), None when there is none."""
+    return next((int(word) for word in lenient_normalize(text).split() if word.isascii() and word.isdigit()), None)
+
+
+def count_confusion(records: Iterable[Mapping]) -> dict | None:
+    """True count x count answered, over the counting questions of ``records`` (answers JSONL rows with
+    ``category``, ``ground_truth`` and ``answer``); None when there are none (see
+    :data:`COUNT_CONFUSION_DEFINITION`).
+
+    Returns ``{"truths": [t, ...], "answers": ["0", ..., "none"] (every truth and every count read),
+    "matrix": [[questions]] (truths x answers),
+    "per_truth": {"t": Accuracy dict}, "mean_absolute_error" (over the answers read), "unread",
+    "questions", "left_out" (counting questions whose ground truth is not a whole number), "definition"}``.
+    """
+    pairs: list[tuple[int, int | None]] = []
+    left_out = 0
+    for index, record in enumerate(records):
+        if "count" not in _field(record, "category", index).lower():
+            continue
+        truth = _field(record, "ground_truth", index)
+        if not lenient_normalize(truth).isdigit():
+            left_out += 1
+            continue
+        pairs.append((int(lenient_normalize(truth)), read_count(_field(record, "answer", index))))
+    if not pairs:
+        return None
+    truths = sorted({t for t, _ in pairs})
+    answers = [str(a) for a in sorted({a for _, a in pairs if a is not None} | set(truths))]  # the diagonal kept
+    answers += ["none"] * any(a is None for _, a in pairs)
+    matrix = [[0] * len(answers) for _ in truths]  # (truths, answers)
+    for truth, answer in pairs:
+        matrix[truths.index(truth)][answers.index("none" if answer is None else str(answer))] += 1
+    read = [(t, a) for t, a in pairs if a is not None]
+    per_truth = {str(t): Accuracy(sum(a == t for u, a in pairs if u == t), sum(u == t for u, _ in pairs)).to_dict()
+                 for t in truths}
+    return {"truths": truths, "answers": answers, "matrix": matrix, "per_truth": per_truth,
+            "mean_absolute_error": sum(abs(t - a) for t, a in read) / len(read) if read else None,
+            "unread": len(pairs) - len(read), "questions": len(pairs), "left_out": left_out,
+            "definition": COUNT_CONFUSION_DEFINITION}
+
+
 def scores_to_dict(scores: object) -> object:
     """Turn a scores result (nested dicts of Accuracy / PRF1) into plain JSON-able dicts."""
     if isinstance(scores, dict):

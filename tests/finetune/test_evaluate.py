@@ -113,6 +113,8 @@ def test_ct_rate_and_fit_rsfg_on_synthetic_sets(tmp_path, tiny_base, tiny_loaded
                   batch_size=5, max_new_tokens=3, render={"tile_size": 56, "max_tiles": 4}, loaded=tiny_loaded, limit=5)
     assert rs.metrics["n"] == 5 and "count" in rs.metrics["vqa"]["official"]["per_category"]
     assert _is_png(tmp_path / "rs" / "per_class.png") and "official_accuracy" in rs.metrics["headline"]
+    assert _is_png(tmp_path / "rs" / "count_confusion.png") and rs.metrics["count_confusion"]["questions"] >= 1
+    assert "| true count | questions |" in (tmp_path / "rs" / "report.md").read_text()
     built_niah = evaluate("niah", str(tiny_base), str(synthetic_sets / "niah_test.jsonl"), tmp_path / "niah",
                           max_new_tokens=3, loaded=tiny_loaded)
     assert built_niah.metrics["n_images"] == [4] and built_niah.metrics["n"] == 2
@@ -153,6 +155,7 @@ def test_fitrsfg_metrics_follow_the_official_rule():
     metrics = fitrsfg_metrics(rows)
     assert metrics["per_class"] == {"count": 1.0, "presence": 0.0}  # "Yes." != "yes" officially
     assert metrics["headline"] == {"official_accuracy": 0.5, "lenient_accuracy": 1.0}
+    assert metrics["count_confusion"]["matrix"] == [[1]] and metrics["count_confusion"]["truths"] == [3]
 
 
 def test_closed_vqa_end_to_end(tmp_path, tiny_base, tiny_loaded):

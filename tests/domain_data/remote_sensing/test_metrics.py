@@ -10,9 +10,11 @@ from domain_data.remote_sensing.errors import DatasetInputError
 from domain_data.remote_sensing.metrics import (
     MULTI_LABEL_SUFFIX,
     SINGLE_LABEL_SUFFIX,
+    count_confusion,
     fitrsfg_vqa_scores,
     lenient_normalize,
     official_vqa_correct,
+    read_count,
     scene_classification_scores,
     scene_mode,
     scores_to_dict,
@@ -110,3 +112,21 @@ def test_scene_mode_and_bad_items():
         fitrsfg_vqa_scores([{"question_id": 7, "category": "c", "ground_truth": "yes", "answer": None}])
     with pytest.raises(DatasetInputError, match="no answers"):
         fitrsfg_vqa_scores([])
+
+
+def test_count_confusion_reads_numbers_leniently_and_tabulates_truth_against_answer():
+    rows = [{"category": "Object counting", "ground_truth": "3", "answer": answer}
+            for answer in ("4", "three", "3 ships.", "many")]
+    rows += [{"category": "count", "ground_truth": "0", "answer": "0"},
+             {"category": "count", "ground_truth": "some", "answer": "2"},  # not a whole number: left out
+             {"category": "presence", "ground_truth": "yes", "answer": "3"}]  # not a counting question
+    confusion = count_confusion(rows)
+    assert confusion["truths"] == [0, 3] and confusion["answers"] == ["0", "3", "4", "none"]
+    assert confusion["matrix"] == [[1, 0, 0, 0], [0, 2, 1, 1]]
+    assert confusion["per_truth"]["3"] == {"accuracy": 0.5, "correct": 2, "total": 4}
+    assert confusion["mean_absolute_error"] == pytest.approx(1 / 4)  # |3-4| over the 4 answers read
+    assert (confusion["unread"], confusion["questions"], confusion["left_out"]) == (1, 5, 1)
+    assert read_count("Two ships and a tank") == 2 and read_count("3.5") is None and read_count("") is None
+    assert count_confusion(rows[-1:]) is None
+    never_right = count_confusion([{"category": "count", "ground_truth": "5", "answer": "4"}])
+    assert never_right["answers"] == ["4", "5"] and never_right["matrix"] == [[1, 0]]  # the diagonal is kept

@@ -569,7 +569,7 @@ def count_confusion_heatmap(confusion: dict, path: Path) -> None:
     axis.set_xlabel("count answered")
     axis.set_ylabel("true count")
     right = sum(v["correct"] for v in confusion["per_truth"].values())
-    axis.set_title(f"counting: {right} of {confusion['questions']} answered right")
+    axis.set_title(f"counting: {right} of {confusion['questions']} answered right (read leniently)")
     figure.colorbar(image, ax=axis, fraction=0.046, label="share of the true count's questions")
     figure.tight_layout()
     figure.savefig(path)

@@ -202,11 +202,11 @@ def count_confusion(records: Iterable[Mapping]) -> dict | None:
     for index, record in enumerate(records):
         if "count" not in _field(record, "category", index).lower():
             continue
-        truth = _field(record, "ground_truth", index)
-        if not lenient_normalize(truth).isdigit():
+        truth = lenient_normalize(_field(record, "ground_truth", index))
+        if not (truth.isascii() and truth.isdigit()):
             left_out += 1
             continue
-        pairs.append((int(lenient_normalize(truth)), read_count(_field(record, "answer", index))))
+        pairs.append((int(truth), read_count(_field(record, "answer", index))))
     if not pairs:
         return None
     truths = sorted({t for t, _ in pairs})
@@ -216,8 +216,7 @@ def count_confusion(records: Iterable[Mapping]) -> dict | None:
     for truth, answer in pairs:
         matrix[truths.index(truth)][answers.index("none" if answer is None else str(answer))] += 1
     read = [(t, a) for t, a in pairs if a is not None]
-    per_truth = {str(t): Accuracy(sum(a == t for u, a in pairs if u == t), sum(u == t for u, _ in pairs)).to_dict()
-                 for t in truths}
+    per_truth = {str(t): Accuracy(row[answers.index(str(t))], sum(row)).to_dict() for t, row in zip(truths, matrix)}
     return {"truths": truths, "answers": answers, "matrix": matrix, "per_truth": per_truth,
             "mean_absolute_error": sum(abs(t - a) for t, a in read) / len(read) if read else None,
             "unread": len(pairs) - len(read), "questions": len(pairs), "left_out": left_out,

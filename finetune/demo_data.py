@@ -407,9 +407,8 @@ def write_tile_count_records(out_dir: str | Path, seed: int = 0, copies: int = 1
         raise DemoDataError(f"{out_dir}/{TILE_COUNTS_FILE}: copies must be >= 1, got {copies}")
     tiles = json.loads(_built_file(out_dir, TILES_WITH_OBJECTS_FILE).read_text())
     rng = np.random.default_rng([seed, 37])
-    records = [tile_count_version(record, rng) for record in tiles]
-    for copy in range(1, copies):
-        records += [dict(v, id=f"{v['id']}{copy}") for v in (tile_count_version(r, rng) for r in tiles)]
+    records = [dict(version, id=f"{version['id']}{copy or ''}")
+               for copy in range(copies) for version in (tile_count_version(record, rng) for record in tiles)]
     return _write_records(Path(out_dir) / TILE_COUNTS_FILE, records)
 
 

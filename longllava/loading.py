@@ -78,6 +78,11 @@ def check_model_dir(folder: Path) -> dict[str, Any]:
     if not has_weights:
         raise ModelInputError(f"{folder} has no model.safetensors (or sharded index): the weights are missing")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        if (folder / "trainer_state.json").is_file():
+            raise ModelInputError(
+                f"{folder} is a Trainer checkpoint, which holds no tokenizer: pass its run's exported folder "
+                f"({folder.parent / 'model'}), or copy that folder's files but model.safetensors beside these weights"
+            )
         raise ModelInputError(f"{folder} has no tokenizer (tokenizer.json): save the tokenizer with the model")
     return config_dict
 

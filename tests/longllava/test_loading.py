@@ -39,6 +39,8 @@ def copy_model(src, dst):
         ("unknown_type", "model_type 'bert', expected 'longllava'"),
         ("upstream_type", "convert-upstream"),
         ("no_weights", "no model.safetensors"),
+        ("no_tokenizer", "has no tokenizer"),
+        ("trainer_checkpoint", "Trainer checkpoint, which holds no tokenizer: .*model"),
         ("partial_weights", "lacks .* weights"),
         ("corrupt_weights", "cannot load the model"),
         ("bad_config_value", "pooled_grid must be a positive integer"),
@@ -58,6 +60,11 @@ def test_bad_model_folders_are_one_line_errors(tiny_model_dir, tmp_path, breakag
         (folder / "config.json").write_text(json.dumps(config))
     elif breakage == "no_weights":
         (folder / "model.safetensors").unlink()
+    elif breakage in ("no_tokenizer", "trainer_checkpoint"):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink(missing_ok=True)
+        if breakage == "trainer_checkpoint":
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
     elif breakage == "partial_weights":
         from safetensors.torch import load_file, save_file
 

@@ -787,7 +787,18 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
     }
     if trainer.is_world_process_zero():
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    _close_process_group()
     return summary
+
+
+def _close_process_group() -> None:
+    """Wait for every rank, then tear the process group down here rather than at interpreter exit, where a
+    gloo group left open can abort a rank (SIGABRT) after the run has saved everything."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _write_resolved_recipe(recipe: Recipe, output_dir: Path) -> None:

@@ -52,3 +52,17 @@ def test_zero3_two_cpu_ranks_train_and_checkpoint_loads(tmp_path, colour_set, re
     with torch.no_grad():
         assert torch.isfinite(model(**ids).logits).all()
     shutil.rmtree(out / "checkpoint-3", ignore_errors=True)
+
+
+def test_training_closes_its_process_group_before_returning(tmp_path):
+    """A gloo group left open until interpreter exit has aborted a rank after a finished run; run_training
+    closes it itself (finetune.train._close_process_group)."""
+    from finetune.train import _close_process_group
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    assert torch.distributed.is_initialized()
+    _close_process_group()
+    assert not torch.distributed.is_initialized()
+    _close_process_group()  # without a group it does nothing

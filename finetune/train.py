@@ -792,10 +792,9 @@ def run_training(recipe: Recipe, resume: bool = False, callbacks: Sequence[Any] 
 
 
 def _close_process_group() -> None:
-    """Wait for every rank, then tear the process group down here rather than at interpreter exit, where a
-    gloo group left open can abort a rank (SIGABRT) after the run has saved everything. This does not cover
-    every exit-time abort: a two-rank DeepSpeed CPU run has still ended once in four with "terminate called
-    without an active exception" after saving (training history, item 52's session note)."""
+    """Wait for every rank, then tear the process group down before returning. gloo's worker threads can
+    still outlive this and abort a rank at interpreter exit; `longllava finetune` therefore ends a finished
+    rank with `finetune.cli.end_rank_process`, which skips finalization."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():

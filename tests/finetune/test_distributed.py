@@ -66,3 +66,20 @@ def test_training_closes_its_process_group_before_returning(tmp_path):
     _close_process_group()
     assert not torch.distributed.is_initialized()
     _close_process_group()  # without a group it does nothing
+
+
+def test_a_finished_rank_ends_without_interpreter_finalization():
+    """`end_rank_process` flushes what was printed and leaves before finalization (where a gloo worker thread
+    freeing tensors has aborted a rank), so exit-time hooks do not run and the exit status is the one given."""
+    script = (
+        "import atexit\n"
+        "from finetune.cli import end_rank_process\n"
+        "atexit.register(lambda: print('finalized'))\n"
+        "print('saved', end='')\n"
+        "end_rank_process(3)\n"
+        "print('after')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "saved"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EVAL_TASKS = ("ct-rate", "fit-rsfg", "closed-vqa", "niah")
@@ -73,13 +74,11 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    import os
-
-    from finetune.train import load_recipe, run_training
+    from finetune.train import _is_main_process, load_recipe, run_training
 
     recipe = load_recipe(args.recipe, args.overrides)
     summary = run_training(recipe, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary per run, from the main process
+    if _is_main_process():  # one summary per run
         if args.json:
             from longllava.cli import print_json
 
@@ -104,7 +103,6 @@ def end_rank_process(code: int = 0) -> None:
     and 0 of 14 with it. Everything the run writes is saved and closed by now, so flush what is buffered and
     leave with `os._exit`."""
     import logging
-    import os
 
     logging.shutdown()
     sys.stdout.flush()
